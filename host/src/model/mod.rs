@@ -1,0 +1,18 @@
+//! The model runtime: Hugging Face model directories in, logits, losses and gradients out.
+//!
+//! [`resolve`] finds a model directory, [`hf_config`] reads its `config.json`,
+//! [`safetensors_io`] its weights, [`tokenizer`] its tokenizer files; [`transformer`] runs the
+//! decoder, [`lora`] attaches and saves PEFT adapters, [`save`] writes HF model directories,
+//! and [`generate`] decodes with a KV cache.
+
+pub mod error;
+pub mod hf_config;
+pub mod layers;
+pub mod ops;
+pub mod safetensors_io;
+pub mod transformer;
+
+pub use error::{ModelError, Result};
+pub use hf_config::{Architecture, ModelConfig};
+pub use layers::Param;
+pub use transformer::{CausalLm, KvCache, LoadOptions};

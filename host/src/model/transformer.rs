@@ -1,0 +1,498 @@
+//! The decoder-only transformer shared by every supported architecture: token embedding,
+//! decoder layers (attention with GQA, rotary embeddings, optional sliding window, soft-capping
+//! and q/k norms; gated MLP), final norm and LM head, with a KV cache for generation.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::error::{ModelError, Result};
+use super::hf_config::{Activation, LayerAttention, ModelConfig};
+use super::layers::{DropoutRng, Embedding, Linear, Param, ParamVisitor, RmsNorm};
+use super::ops;
+use super::safetensors_io::{self, TensorSet};
+
+/// How weights are loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Compute dtype (f32 on CPU).
+    pub dtype: DType,
+    /// Device to run on.
+    pub device: Device,
+    /// Whether the base weights are trained (full fine-tuning) rather than frozen.
+    pub trainable: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, trainable: false }
+    }
+}
+
+/// Self-attention of one decoder layer.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Per-head RMS norm of queries (qwen3).
+    pub q_norm: Option<RmsNorm>,
+    /// Per-head RMS norm of keys (qwen3).
+    pub k_norm: Option<RmsNorm>,
+    /// Full or sliding-window attention.
+    pub kind: LayerAttention,
+}
+
+/// The gated MLP `down(act(gate(x)) * up(x))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+    /// Activation applied to the gate.
+    pub activation: Activation,
+}
+
+/// One decoder layer. Llama-style layers have `attn_in` and `ff_in` norms; Gemma 2 also
+/// normalizes the outputs of attention and MLP (`attn_out`, `ff_out`).
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    /// Norm before attention (`input_layernorm`).
+    pub attn_in: RmsNorm,
+    /// Norm after attention (Gemma 2's `post_attention_layernorm`).
+    pub attn_out: Option<RmsNorm>,
+    /// Norm before the MLP (`post_attention_layernorm`, or Gemma 2's `pre_feedforward_layernorm`).
+    pub ff_in: RmsNorm,
+    /// Norm after the MLP (Gemma 2's `post_feedforward_layernorm`).
+    pub ff_out: Option<RmsNorm>,
+    /// Self-attention.
+    pub self_attn: Attention,
+    /// Gated MLP.
+    pub mlp: Mlp,
+}
+
+/// Keys and values of earlier positions, one entry per layer.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A causal language model.
+#[derive(Debug)]
+pub struct CausalLm {
+    /// The architecture description it was built from.
+    pub config: ModelConfig,
+    /// `model.embed_tokens`.
+    pub embed_tokens: Embedding,
+    /// `model.layers.*`.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head`; shares the embedding's weight when tied.
+    pub lm_head: Linear,
+    rotary: ops::Rotary,
+    dropout: Option<DropoutRng>,
+    device: Device,
+}
+
+struct Loader<'a> {
+    weights: &'a mut TensorSet,
+    trainable: bool,
+}
+
+impl Loader<'_> {
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
+        let t = self.weights.take(name, shape)?;
+        self.wrap(t)
+    }
+
+    fn wrap(&self, t: Tensor) -> Result<Param> {
+        Ok(if self.trainable { Param::Trainable(candle_core::Var::from_tensor(&t)?) } else { Param::Frozen(t) })
+    }
+
+    fn linear(&mut self, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = self.param(&format!("{path}.weight"), &[out, inp])?;
+        let bias = if bias { Some(self.param(&format!("{path}.bias"), &[out])?) } else { None };
+        Ok(Linear { path: path.to_string(), weight, bias, lora: None, saved_with_adapter: false })
+    }
+
+    fn norm(&mut self, path: &str, dim: usize, config: &ModelConfig) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            path: path.to_string(),
+            weight: self.param(&format!("{path}.weight"), &[dim])?,
+            eps: config.rms_norm_eps,
+            one_plus_weight: config.gemma_norms,
+        })
+    }
+}
+
+impl CausalLm {
+    /// Loads a model directory: `config.json` and its safetensors weights.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let mut weights = safetensors_io::load_model_weights(dir, options.dtype, &options.device)?;
+        Self::from_weights(config, &mut weights, options)
+    }
+
+    /// Builds the model from a config and a set of tensors named as transformers names them.
+    /// Every tensor the architecture needs must be present with the right shape, and no
+    /// tensor may be left over (a leftover means the checkpoint is of another layout).
+    pub fn from_weights(config: ModelConfig, weights: &mut TensorSet, options: &LoadOptions) -> Result<Self> {
+        let c = &config;
+        let mut l = Loader { weights, trainable: options.trainable };
+        let h = c.hidden_size;
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let embed_weight = l.param("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qkv_bias = c.attention_bias || c.qkv_bias;
+            let self_attn = Attention {
+                q_proj: l.linear(&format!("{p}.self_attn.q_proj"), q_out, h, qkv_bias)?,
+                k_proj: l.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, qkv_bias)?,
+                v_proj: l.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, qkv_bias)?,
+                o_proj: l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, c.attention_bias)?,
+                q_norm: if c.qk_norm { Some(l.norm(&format!("{p}.self_attn.q_norm"), c.head_dim, c)?) } else { None },
+                k_norm: if c.qk_norm { Some(l.norm(&format!("{p}.self_attn.k_norm"), c.head_dim, c)?) } else { None },
+                kind: c.layer_attention[i],
+            };
+            let mlp = Mlp {
+                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                up_proj: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                down_proj: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                activation: c.activation,
+            };
+            let layer = if c.gemma_norms {
+                DecoderLayer {
+                    attn_in: l.norm(&format!("{p}.input_layernorm"), h, c)?,
+                    attn_out: Some(l.norm(&format!("{p}.post_attention_layernorm"), h, c)?),
+                    ff_in: l.norm(&format!("{p}.pre_feedforward_layernorm"), h, c)?,
+                    ff_out: Some(l.norm(&format!("{p}.post_feedforward_layernorm"), h, c)?),
+                    self_attn,
+                    mlp,
+                }
+            } else {
+                DecoderLayer {
+                    attn_in: l.norm(&format!("{p}.input_layernorm"), h, c)?,
+                    attn_out: None,
+                    ff_in: l.norm(&format!("{p}.post_attention_layernorm"), h, c)?,
+                    ff_out: None,
+                    self_attn,
+                    mlp,
+                }
+            };
+            layers.push(layer);
+        }
+        let norm = l.norm("model.norm", h, c)?;
+        let lm_head = if c.tie_word_embeddings {
+            // A tied checkpoint may still carry a copy of the embedding as lm_head.weight.
+            l.weights.take_opt("lm_head.weight", &[c.vocab_size, h])?;
+            Linear {
+                path: "lm_head".into(),
+                weight: embed_weight.clone(),
+                bias: None,
+                lora: None,
+                saved_with_adapter: false,
+            }
+        } else {
+            if !l.weights.contains("lm_head.weight") {
+                return Err(ModelError::tensor(
+                    &l.weights.source,
+                    "lm_head.weight",
+                    "missing (config.json says tie_word_embeddings is false)",
+                ));
+            }
+            l.linear("lm_head", c.vocab_size, h, false)?
+        };
+        let leftover = l.weights.drain();
+        if let Some((name, _, file)) = leftover.first() {
+            return Err(ModelError::tensor(
+                file,
+                name,
+                format!(
+                    "not part of the {} architecture ({} unexpected tensor(s)); is config.json the one of these weights?",
+                    c.architecture.model_type(),
+                    leftover.len()
+                ),
+            ));
+        }
+        Ok(Self {
+            rotary: ops::Rotary::new(&c.rope, c.head_dim),
+            embed_tokens: Embedding { path: "model.embed_tokens".into(), weight: embed_weight, saved_with_adapter: false },
+            layers,
+            norm,
+            lm_head,
+            dropout: None,
+            device: options.device.clone(),
+            config,
+        })
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Turns training-time dropout on (with a seeded stream) or off.
+    pub fn set_dropout(&mut self, seed: Option<u64>) {
+        self.dropout = seed.map(DropoutRng::new);
+    }
+
+    /// Final hidden states `[batch, len, hidden]` for `input_ids` of shape `[batch, len]`.
+    /// With a cache, the ids continue the cached positions and the cache is extended.
+    pub fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (_, len) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.is_empty() {
+                c.layers = vec![None; self.layers.len()];
+            }
+        }
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        if self.config.gemma_norms {
+            let normalizer = (self.config.hidden_size as f64).sqrt() as f32;
+            x = (x * normalizer as f64)?;
+        }
+        let (cos, sin) = self.rotary.tables(past, len, &self.device)?;
+        let groups = self.config.gqa_groups();
+        let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kind = layer.self_attn.kind;
+            let mask = match masks.iter().find(|(k, _)| *k == kind) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let window = match kind {
+                        LayerAttention::Full => None,
+                        LayerAttention::Sliding { window } => Some(window),
+                    };
+                    let m = ops::attention_mask(len, past, past + len, window, groups, &self.device)?;
+                    masks.push((kind, m.clone()));
+                    m
+                }
+            };
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.layer_forward(layer, &x, &cos, &sin, &mask, layer_cache)?;
+        }
+        if let Some(c) = cache {
+            c.len = past + len;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Logits `[batch, len, vocab]` from final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden, self.dropout.as_ref())?;
+        Ok(match self.config.final_logit_softcapping {
+            Some(cap) => ops::soft_cap(&logits, cap)?,
+            None => logits,
+        })
+    }
+
+    /// Logits `[batch, len, vocab]` for `input_ids` `[batch, len]`.
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let normed = layer.attn_in.forward(x)?;
+        let mut attn = self.attention(&layer.self_attn, &normed, cos, sin, mask, cache)?;
+        if let Some(n) = &layer.attn_out {
+            attn = n.forward(&attn)?;
+        }
+        let x = (x + attn)?;
+        let normed = layer.ff_in.forward(&x)?;
+        let mut ff = self.mlp(&layer.mlp, &normed)?;
+        if let Some(n) = &layer.ff_out {
+            ff = n.forward(&ff)?;
+        }
+        Ok((x + ff)?)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, len, _) = x.dims3()?;
+        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let dropout = self.dropout.as_ref();
+        let split = |t: Tensor, n: usize| t.reshape((batch, len, n, d))?.transpose(1, 2);
+        let mut q = split(attn.q_proj.forward(x, dropout)?, heads)?;
+        let mut k = split(attn.k_proj.forward(x, dropout)?, kv_heads)?;
+        let mut v = split(attn.v_proj.forward(x, dropout)?, kv_heads)?.contiguous()?;
+        if let Some(n) = &attn.q_norm {
+            q = n.forward(&q)?;
+        }
+        if let Some(n) = &attn.k_norm {
+            k = n.forward(&k)?;
+        }
+        let q = ops::apply_rotary(&q, cos, sin)?;
+        let mut k = ops::apply_rotary(&k, cos, sin)?;
+        if let Some(slot) = cache {
+            if let Some((past_k, past_v)) = slot.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let kv_len = k.dim(2)?;
+        let groups = heads / kv_heads;
+        // Query heads that share a key/value head are folded into the rows of one matmul, so
+        // keys and values are never repeated.
+        let q = q.contiguous()?.reshape((batch, kv_heads, groups * len, d))?;
+        let mut scores = (q.matmul(&k.t()?)? * c.attention_scale)?;
+        if let Some(cap) = c.attn_logit_softcapping {
+            scores = ops::soft_cap(&scores, cap)?;
+        }
+        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        debug_assert_eq!(probs.dims(), &[batch, kv_heads, groups * len, kv_len]);
+        let out = probs
+            .matmul(&v)?
+            .reshape((batch, heads, len, d))?
+            .transpose(1, 2)?
+            .reshape((batch, len, heads * d))?;
+        Ok(attn.o_proj.forward(&out, dropout)?)
+    }
+
+    fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let dropout = self.dropout.as_ref();
+        let gate = mlp.gate_proj.forward(x, dropout)?;
+        let gate = match mlp.activation {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => ops::gelu_tanh(&gate)?,
+            Activation::GeluErf => gate.gelu_erf()?,
+        };
+        let up = mlp.up_proj.forward(x, dropout)?;
+        Ok(mlp.down_proj.forward(&(gate * up)?, dropout)?)
+    }
+
+    /// Every linear layer, with its module path.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            let a = &layer.self_attn;
+            let m = &layer.mlp;
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        if !self.config.tie_word_embeddings {
+            out.push(&self.lm_head);
+        }
+        out
+    }
+
+    /// Every linear layer, mutably. A tied `lm_head` is included last, so that adapters and
+    /// trainable copies can be attached to it too.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            let m = &mut layer.mlp;
+            out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    /// Visits every parameter once, with its Hugging Face name (LoRA weights with PEFT's
+    /// names without the `base_model.model.` prefix). A tied `lm_head` is not visited: its
+    /// weight is the embedding's.
+    pub fn visit_params(&self, f: &mut ParamVisitor) {
+        self.embed_tokens.visit(f);
+        for layer in &self.layers {
+            layer.attn_in.visit(f);
+            if let Some(n) = &layer.attn_out {
+                n.visit(f);
+            }
+            layer.ff_in.visit(f);
+            if let Some(n) = &layer.ff_out {
+                n.visit(f);
+            }
+            let a = &layer.self_attn;
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                lin.visit(f);
+            }
+            if let Some(n) = &a.q_norm {
+                n.visit(f);
+            }
+            if let Some(n) = &a.k_norm {
+                n.visit(f);
+            }
+            let m = &layer.mlp;
+            for lin in [&m.gate_proj, &m.up_proj, &m.down_proj] {
+                lin.visit(f);
+            }
+        }
+        self.norm.visit(f);
+        if !self.lm_head_is_tied() {
+            self.lm_head.visit(f);
+        } else if let Some(l) = &self.lm_head.lora {
+            f("lm_head.lora_A.weight", &l.a);
+            f("lm_head.lora_B.weight", &l.b);
+        }
+    }
+
+    /// Whether `lm_head` still shares the embedding's weight tensor.
+    pub fn lm_head_is_tied(&self) -> bool {
+        self.config.tie_word_embeddings && !self.lm_head.saved_with_adapter
+    }
+
+    /// Every parameter with its name, in a stable order.
+    pub fn named_params(&self) -> Vec<(String, Param)> {
+        let mut out = Vec::new();
+        self.visit_params(&mut |n, p| out.push((n.to_string(), p.clone())));
+        out
+    }
+
+    /// The trainable parameters with their names.
+    pub fn trainable_params(&self) -> Vec<(String, candle_core::Var)> {
+        let mut out = Vec::new();
+        self.visit_params(&mut |n, p| {
+            if let Some(v) = p.var() {
+                out.push((n.to_string(), v.clone()));
+            }
+        });
+        out
+    }
+}

@@ -1,0 +1,4 @@
+//! Test modules, one per area of the host.
+
+mod common;
+mod agreement;
