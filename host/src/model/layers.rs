@@ -46,7 +46,10 @@ impl Param {
 
     /// A frozen view of this weight's current value.
     pub fn to_frozen(&self) -> Self {
-        Self::Frozen(self.tensor().detach())
+        match self {
+            Self::Frozen(t) => Self::Frozen(t.clone()),
+            Self::Trainable(v) => Self::Frozen(v.as_tensor().detach()),
+        }
     }
 }
 

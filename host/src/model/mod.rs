@@ -8,8 +8,10 @@
 pub mod error;
 pub mod hf_config;
 pub mod layers;
+pub mod lora;
 pub mod ops;
 pub mod safetensors_io;
+pub mod save;
 pub mod transformer;
 
 pub use error::{ModelError, Result};

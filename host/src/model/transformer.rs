@@ -473,6 +473,62 @@ impl CausalLm {
         }
     }
 
+    /// Replaces every parameter (LoRA weights included) by `f(name, param)`. A tied `lm_head`
+    /// keeps sharing the embedding's (new) weight.
+    pub fn map_params(&mut self, f: &mut dyn FnMut(&str, &Param) -> Param) {
+        let tied = self.lm_head_is_tied();
+        let map_linear = |lin: &mut Linear, f: &mut dyn FnMut(&str, &Param) -> Param| {
+            lin.weight = f(&format!("{}.weight", lin.path), &lin.weight);
+            if let Some(b) = &lin.bias {
+                lin.bias = Some(f(&format!("{}.bias", lin.path), b));
+            }
+            if let Some(l) = &mut lin.lora {
+                l.a = f(&format!("{}.lora_A.weight", lin.path), &l.a);
+                l.b = f(&format!("{}.lora_B.weight", lin.path), &l.b);
+            }
+        };
+        let map_norm = |n: &mut RmsNorm, f: &mut dyn FnMut(&str, &Param) -> Param| {
+            n.weight = f(&format!("{}.weight", n.path), &n.weight);
+        };
+        self.embed_tokens.weight = f(&format!("{}.weight", self.embed_tokens.path), &self.embed_tokens.weight);
+        for layer in &mut self.layers {
+            for n in [Some(&mut layer.attn_in), layer.attn_out.as_mut(), Some(&mut layer.ff_in), layer.ff_out.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                map_norm(n, f);
+            }
+            let a = &mut layer.self_attn;
+            for n in [a.q_norm.as_mut(), a.k_norm.as_mut()].into_iter().flatten() {
+                map_norm(n, f);
+            }
+            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                map_linear(lin, f);
+            }
+            let m = &mut layer.mlp;
+            for lin in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                map_linear(lin, f);
+            }
+        }
+        map_norm(&mut self.norm, f);
+        if tied {
+            self.lm_head.weight = self.embed_tokens.weight.clone();
+            if let Some(l) = &mut self.lm_head.lora {
+                l.a = f("lm_head.lora_A.weight", &l.a);
+                l.b = f("lm_head.lora_B.weight", &l.b);
+            }
+        } else {
+            map_linear(&mut self.lm_head, f);
+        }
+    }
+
+    /// Stops `lm_head` from sharing the embedding: it keeps its current weight as its own, and
+    /// the config says so (`tie_word_embeddings: false`), so saving writes `lm_head.weight`.
+    pub fn untie_lm_head(&mut self) {
+        self.config.tie_word_embeddings = false;
+        self.config.raw.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+    }
+
     /// Whether `lm_head` still shares the embedding's weight tensor.
     pub fn lm_head_is_tied(&self) -> bool {
         self.config.tie_word_embeddings && !self.lm_head.saved_with_adapter
