@@ -1,7 +1,11 @@
 //! axl: YAML-driven fine-tuning of large language models.
 //!
-//! This crate is the host runtime: it owns the model code ([`model`]), the configuration
-//! ([`config`]) and the `axl` command line ([`cli`]).
+//! This crate is the host runtime: the model code ([`model`]), the configuration
+//! ([`config`]), chat templates ([`chat_template`]) and the `axl` command line ([`cli`]).
 
+pub mod chat_template;
+pub mod cli;
+pub mod config;
 pub mod fsio;
 pub mod model;
+pub mod setup;

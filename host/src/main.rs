@@ -1,1 +1,15 @@
-fn main() {}
+//! The `axl` binary: parses the command line, runs the command, and turns errors into one
+//! clear message and a non-zero exit.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = axl::cli::Cli::parse();
+    match axl::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -9,9 +9,12 @@ pub mod error;
 pub mod hf_config;
 pub mod layers;
 pub mod lora;
+pub mod generate;
 pub mod ops;
+pub mod resolve;
 pub mod safetensors_io;
 pub mod save;
+pub mod tokenizer;
 pub mod transformer;
 
 pub use error::{ModelError, Result};

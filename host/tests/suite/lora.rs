@@ -74,6 +74,7 @@ fn adapter_saved_by_axl_has_peft_names_config_and_values() {
         let settings = lora::load_adapter(&mut model, &fixture(adapter), false).unwrap();
         let out = tempfile::tempdir().unwrap();
         lora::save_adapter(&model, &settings, out.path(), base_name).unwrap();
+        keep_for_python_check(out.path(), &format!("{adapter}_saved_by_axl"));
 
         let original =
             safetensors_io::load_file(&fixture(adapter).join(lora::ADAPTER_WEIGHTS), DType::F32, &Device::Cpu).unwrap();
@@ -123,11 +124,23 @@ fn merged_model_gives_adapter_logits_and_saves_as_hf_directory() {
 
         let out = tempfile::tempdir().unwrap();
         save::save_pretrained(&model, out.path(), Some(&fixture(base_name)), SaveDtype::F32, 40_000).unwrap();
+        keep_for_python_check(out.path(), &format!("{adapter}_merged_by_axl"));
         assert!(out.path().join("model.safetensors.index.json").is_file(), "small shard limit shards");
         assert!(out.path().join("tokenizer.json").is_file());
         let reloaded = CausalLm::load(out.path(), &LoadOptions::default()).unwrap();
         let diff = max_abs_diff(&reloaded.forward(&get(&refs, "input_ids"), None).unwrap(), &logits);
         assert!(diff == 0.0, "{adapter}: saved merged model gives other logits ({diff})");
+    }
+}
+
+/// With `AXL_KEEP_TEST_OUTPUTS=DIR`, copies what a test wrote to `DIR/name`, for
+/// `tests/fixtures/verify_with_python.py` to load with peft and transformers.
+fn keep_for_python_check(dir: &std::path::Path, name: &str) {
+    let Ok(keep) = std::env::var("AXL_KEEP_TEST_OUTPUTS") else { return };
+    let target = std::path::Path::new(&keep).join(name);
+    std::fs::create_dir_all(&target).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
     }
 }
 

@@ -1,0 +1,97 @@
+//! The `axl` command line: argument parsing and one module per command.
+
+mod inference;
+mod merge_lora;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// axl: fine-tune large language models from an Axolotl YAML file.
+#[derive(Debug, Parser)]
+#[command(name = "axl", version, about)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Merge a trained LoRA adapter into the base model; writes <output_dir>/merged/.
+    MergeLora(MergeLoraArgs),
+    /// Generate text from a prompt read on standard input, streamed as it is produced.
+    Inference(InferenceArgs),
+}
+
+/// Which model to use, replacing the configuration's keys.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ModelArgs {
+    /// The base model directory or Hub id (replaces base_model).
+    #[arg(long = "base-model", alias = "base_model")]
+    pub base_model: Option<String>,
+    /// The trained adapter's directory (replaces lora_model_dir).
+    #[arg(long = "lora-model-dir", alias = "lora_model_dir")]
+    pub lora_model_dir: Option<String>,
+}
+
+/// Arguments of `axl merge-lora`.
+#[derive(Debug, Args)]
+pub struct MergeLoraArgs {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Model selection.
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Arguments of `axl inference`.
+#[derive(Debug, Args)]
+pub struct InferenceArgs {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Model selection.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Upper bound on generated tokens.
+    #[arg(long = "max-new-tokens", alias = "max_new_tokens", default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.9)]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long = "top-p", alias = "top_p", default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Top-k sampling (0 = off).
+    #[arg(long = "top-k", alias = "top_k", default_value_t = 40)]
+    pub top_k: usize,
+    /// Repetition penalty (1 = off).
+    #[arg(long = "repetition-penalty", alias = "repetition_penalty", default_value_t = 1.1)]
+    pub repetition_penalty: f64,
+    /// Always take the most likely token.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Seed of the sampling stream.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How the prompt is formatted: `chat` (chat template), `alpaca`, or `none` (raw text).
+    /// By default: the chat template when `chat_template` is set, else the first dataset's
+    /// prompt format, else raw text.
+    #[arg(long)]
+    pub prompter: Option<String>,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::MergeLora(args) => merge_lora::run(args),
+        Command::Inference(args) => inference::run(args),
+    }
+}
+
+impl ModelArgs {
+    fn overrides(&self) -> crate::setup::ModelOverrides {
+        crate::setup::ModelOverrides { base_model: self.base_model.clone(), lora_model_dir: self.lora_model_dir.clone() }
+    }
+}

@@ -1,0 +1,409 @@
+//! The axl configuration: an Axolotl YAML file read with Axolotl's key names, defaults and
+//! meanings. Every problem is collected with its key and line and reported together; a key
+//! that is not an Axolotl key is an error naming the nearest known one.
+
+pub mod axolotl_keys;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use crate::model::lora::{LoraSettings, TargetModules};
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    /// The key, as a dotted path.
+    pub key: String,
+    /// The 1-based line of the key, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{}: {n} problem{}", self.path.display(), if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            match p.line {
+                Some(line) => write!(f, "\n  line {line}: {}: {}", p.key, p.message)?,
+                None => write!(f, "\n  {}: {}", p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key that is either one string or a list of strings (`lora_target_modules`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single string.
+    One(String),
+    /// A list of strings.
+    Many(Vec<String>),
+}
+
+/// Special tokens to set on the tokenizer (`special_tokens`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialTokens {
+    /// `bos_token`.
+    pub bos_token: Option<String>,
+    /// `eos_token`.
+    pub eos_token: Option<String>,
+    /// `pad_token`.
+    pub pad_token: Option<String>,
+    /// `unk_token`.
+    pub unk_token: Option<String>,
+    /// `additional_special_tokens`.
+    pub additional_special_tokens: Option<Vec<String>>,
+}
+
+/// The keys axl reads, with Axolotl's defaults.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AxlConfig {
+    /// The model to start from: a directory or a Hub id.
+    pub base_model: Option<String>,
+    /// Where `config.json` is, if not with the weights.
+    pub base_model_config: Option<String>,
+    /// Where the tokenizer is, if not with the weights.
+    pub tokenizer_config: Option<String>,
+    /// transformers' auto class (informational).
+    pub model_type: Option<String>,
+    /// transformers' tokenizer class (informational).
+    pub tokenizer_type: Option<String>,
+    /// Remote code is never run; `true` is accepted only as a no-op for the supported models.
+    pub trust_remote_code: Option<bool>,
+    /// `lora` (or unset for full fine-tuning).
+    pub adapter: Option<String>,
+    /// A trained adapter to continue from or to use.
+    pub lora_model_dir: Option<String>,
+    /// LoRA rank.
+    pub lora_r: Option<usize>,
+    /// LoRA scaling numerator.
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout.
+    pub lora_dropout: Option<f32>,
+    /// Modules to adapt: names, or one regular expression.
+    pub lora_target_modules: Option<OneOrMany>,
+    /// Adapt every linear layer but the output head.
+    pub lora_target_linear: Option<bool>,
+    /// Modules trained in full and saved with the adapter.
+    pub lora_modules_to_save: Option<Vec<String>>,
+    /// Conv1D-style weights (unsupported when true).
+    pub lora_fan_in_fan_out: Option<bool>,
+    /// rsLoRA scaling.
+    pub peft_use_rslora: Option<bool>,
+    /// DoRA (unsupported when true).
+    pub peft_use_dora: Option<bool>,
+    /// Only adapt these layers.
+    pub peft_layers_to_transform: Option<Vec<usize>>,
+    /// 8-bit loading (unsupported when true).
+    pub load_in_8bit: Option<bool>,
+    /// 4-bit loading (unsupported when true).
+    pub load_in_4bit: Option<bool>,
+    /// Where outputs go.
+    pub output_dir: String,
+    /// Maximum tokens per sample.
+    pub sequence_len: usize,
+    /// A chat template name or `tokenizer_default` / `jinja`.
+    pub chat_template: Option<String>,
+    /// Jinja text or file for `chat_template: jinja`.
+    pub chat_template_jinja: Option<String>,
+    /// Datasets (read by the data pipeline; inference uses the first one's prompt format).
+    pub datasets: Option<Vec<Value>>,
+    /// Random seed.
+    pub seed: Option<u64>,
+    /// Special tokens to set.
+    pub special_tokens: Option<SpecialTokens>,
+}
+
+impl Default for AxlConfig {
+    fn default() -> Self {
+        Self {
+            base_model: None,
+            base_model_config: None,
+            tokenizer_config: None,
+            model_type: None,
+            tokenizer_type: None,
+            trust_remote_code: None,
+            adapter: None,
+            lora_model_dir: None,
+            lora_r: None,
+            lora_alpha: None,
+            lora_dropout: None,
+            lora_target_modules: None,
+            lora_target_linear: None,
+            lora_modules_to_save: None,
+            lora_fan_in_fan_out: None,
+            peft_use_rslora: None,
+            peft_use_dora: None,
+            peft_layers_to_transform: None,
+            load_in_8bit: None,
+            load_in_4bit: None,
+            output_dir: "./model-out".into(),
+            sequence_len: 512,
+            chat_template: None,
+            chat_template_jinja: None,
+            datasets: None,
+            seed: None,
+            special_tokens: None,
+        }
+    }
+}
+
+/// The keys [`AxlConfig`] reads.
+pub const AXL_KEYS: &[&str] = &[
+    "base_model",
+    "base_model_config",
+    "tokenizer_config",
+    "model_type",
+    "tokenizer_type",
+    "trust_remote_code",
+    "adapter",
+    "lora_model_dir",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_linear",
+    "lora_modules_to_save",
+    "lora_fan_in_fan_out",
+    "peft_use_rslora",
+    "peft_use_dora",
+    "peft_layers_to_transform",
+    "load_in_8bit",
+    "load_in_4bit",
+    "output_dir",
+    "sequence_len",
+    "chat_template",
+    "chat_template_jinja",
+    "datasets",
+    "seed",
+    "special_tokens",
+];
+
+/// A loaded configuration and where it came from.
+#[derive(Clone, Debug)]
+pub struct LoadedConfig {
+    /// The typed keys.
+    pub config: AxlConfig,
+    /// The file.
+    pub path: PathBuf,
+    /// The directory relative paths in the file are resolved against (the working directory,
+    /// as in Axolotl).
+    pub base_dir: PathBuf,
+}
+
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines().position(|l| {
+        l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
+    }).map(|i| i + 1)
+}
+
+fn nearest_key(key: &str) -> Option<&'static str> {
+    AXL_KEYS
+        .iter()
+        .chain(axolotl_keys::AXOLOTL_KEYS.iter())
+        .map(|k| (strsim::jaro_winkler(key, k), *k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+/// Strips serde_yaml's own position suffix; the problem carries the line.
+fn clean_message(message: String) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message,
+    }
+}
+
+impl LoadedConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let fail = |message: String, line: Option<usize>| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem { key: "(file)".into(), line, message }],
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}"), None))?;
+        Self::from_str(&text, path)
+    }
+
+    /// Validates the text of a configuration file; `path` names it in errors.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let error = |problems| ConfigError { path: path.to_path_buf(), problems };
+        let root: Value = serde_yaml::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            error(vec![Problem { key: "(syntax)".into(), line, message: clean_message(e.to_string()) }])
+        })?;
+        let mapping = match root {
+            Value::Mapping(m) => m,
+            Value::Null => Mapping::new(),
+            _ => return Err(error(vec![Problem { key: "(file)".into(), line: None, message: "expected a mapping of keys to values".into() }])),
+        };
+        let mut problems = Vec::new();
+        for (key, value) in &mapping {
+            let Some(name) = key.as_str() else {
+                problems.push(Problem { key: format!("{key:?}"), line: None, message: "keys must be strings".into() });
+                continue;
+            };
+            let line = line_of(text, name);
+            if AXL_KEYS.contains(&name) {
+                let mut single = Mapping::new();
+                single.insert(key.clone(), value.clone());
+                if let Err(e) = serde_yaml::from_value::<AxlConfig>(Value::Mapping(single)) {
+                    problems.push(Problem { key: name.into(), line, message: clean_message(e.to_string()) });
+                }
+            } else if !axolotl_keys::AXOLOTL_KEYS.contains(&name) {
+                let hint = nearest_key(name).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
+                problems.push(Problem { key: name.into(), line, message: format!("unknown key{hint}") });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(error(problems));
+        }
+        let config: AxlConfig = serde_yaml::from_value(Value::Mapping(mapping))
+            .map_err(|e| error(vec![Problem { key: "(file)".into(), line: None, message: clean_message(e.to_string()) }]))?;
+        let problems = validate(&config, text);
+        if !problems.is_empty() {
+            return Err(error(problems));
+        }
+        let base_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        Ok(Self { config, path: path.to_path_buf(), base_dir })
+    }
+
+    /// `p` resolved against the working directory of the run, with `~` expanded.
+    pub fn resolve_path(&self, p: &str) -> PathBuf {
+        let expanded = match p.strip_prefix("~/") {
+            Some(rest) => std::env::var("HOME").map(|h| PathBuf::from(h).join(rest)).unwrap_or_else(|_| PathBuf::from(p)),
+            None => PathBuf::from(p),
+        };
+        if expanded.is_absolute() {
+            expanded
+        } else {
+            self.base_dir.join(expanded)
+        }
+    }
+
+    /// `output_dir`, resolved.
+    pub fn output_dir(&self) -> PathBuf {
+        self.resolve_path(&self.config.output_dir)
+    }
+
+    /// The LoRA settings, when `adapter: lora`.
+    pub fn lora_settings(&self) -> Option<LoraSettings> {
+        lora_settings(&self.config)
+    }
+}
+
+fn lora_settings(c: &AxlConfig) -> Option<LoraSettings> {
+    if c.adapter.as_deref() != Some("lora") {
+        return None;
+    }
+    let target = if c.lora_target_linear == Some(true) {
+        TargetModules::AllLinear
+    } else {
+        match c.lora_target_modules.clone()? {
+            OneOrMany::One(s) if s == "all-linear" => TargetModules::AllLinear,
+            OneOrMany::One(s) => TargetModules::Regex(s),
+            OneOrMany::Many(v) => TargetModules::Names(v),
+        }
+    };
+    Some(LoraSettings {
+        r: c.lora_r?,
+        alpha: c.lora_alpha.unwrap_or(c.lora_r? as f64),
+        dropout: c.lora_dropout.unwrap_or(0.0),
+        target,
+        modules_to_save: c.lora_modules_to_save.clone().unwrap_or_default(),
+        use_rslora: c.peft_use_rslora.unwrap_or(false),
+        layers_to_transform: c.peft_layers_to_transform.clone(),
+    })
+}
+
+fn validate(c: &AxlConfig, text: &str) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut add = |key: &str, message: String| problems.push(Problem { key: key.into(), line: line_of(text, key), message });
+    match c.adapter.as_deref() {
+        None | Some("lora") => {}
+        Some("qlora") => add("adapter", "`qlora` needs 4-bit quantized base weights, which axl does not implement yet; use `lora`".into()),
+        Some(other) => add("adapter", format!("`{other}` is not supported; use `lora`, or leave it unset for full fine-tuning")),
+    }
+    if c.adapter.as_deref() == Some("lora") {
+        if c.lora_r.is_none() {
+            add("lora_r", "required when adapter is lora".into());
+        }
+        if c.lora_r == Some(0) {
+            add("lora_r", "must be at least 1".into());
+        }
+        if c.lora_target_linear != Some(true) && c.lora_target_modules.is_none() {
+            add("lora_target_modules", "set lora_target_modules, or lora_target_linear: true".into());
+        }
+        if let Some(d) = c.lora_dropout {
+            if !(0.0..1.0).contains(&d) {
+                add("lora_dropout", format!("{d} is not in [0, 1)"));
+            }
+        }
+    }
+    for (key, on, why) in [
+        ("load_in_8bit", c.load_in_8bit, "8-bit quantized loading is not implemented yet"),
+        ("load_in_4bit", c.load_in_4bit, "4-bit quantized loading is not implemented yet"),
+        ("peft_use_dora", c.peft_use_dora, "DoRA is not implemented yet"),
+        ("lora_fan_in_fan_out", c.lora_fan_in_fan_out, "Conv1D (fan-in/fan-out) weights are not supported by the implemented architectures"),
+    ] {
+        if on == Some(true) {
+            add(key, why.into());
+        }
+    }
+    if c.sequence_len == 0 {
+        add("sequence_len", "must be at least 1".into());
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<LoadedConfig, ConfigError> {
+        LoadedConfig::from_str(text, Path::new("config.yml"))
+    }
+
+    #[test]
+    fn axolotl_lora_yaml_reads_with_axolotl_defaults() {
+        let c = load("base_model: ./models/SmolLM2-135M\nadapter: lora\nlora_r: 16\nlora_alpha: 32\nlora_target_linear: true\nlearning_rate: 0.0002\n").unwrap();
+        let lora = c.lora_settings().unwrap();
+        assert_eq!((lora.r, lora.alpha, lora.target), (16, 32.0, TargetModules::AllLinear));
+        assert_eq!(c.config.output_dir, "./model-out");
+        assert_eq!(c.config.sequence_len, 512);
+    }
+
+    #[test]
+    fn all_problems_are_reported_with_key_and_line() {
+        let err = load("base_model: x\nlora_r: sixteen\nlora_alpah: 32\nadapter: lora\nlora_target_linear: true\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("line 2: lora_r: invalid type"), "{text}");
+        assert!(text.contains("line 3: lora_alpah: unknown key; did you mean `lora_alpha`?"), "{text}");
+        assert_eq!(err.problems.len(), 2, "{text}");
+    }
+
+    #[test]
+    fn unimplemented_features_are_errors_not_silence() {
+        let err = load("base_model: x\nadapter: qlora\nload_in_4bit: true\n").unwrap_err();
+        assert_eq!(err.problems.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), vec!["adapter", "load_in_4bit"]);
+    }
+}
