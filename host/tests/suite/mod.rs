@@ -3,3 +3,6 @@
 mod common;
 mod agreement;
 mod lora;
+mod generation;
+mod resolve;
+mod bad_input;
