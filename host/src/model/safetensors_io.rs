@@ -31,6 +31,15 @@ impl TensorSet {
         Self { tensors: HashMap::new(), source }
     }
 
+    /// A set of in-memory tensors (e.g. freshly initialized weights); `source` names it in errors.
+    pub fn from_tensors(source: PathBuf, tensors: Vec<(String, Tensor)>) -> Result<Self> {
+        let mut set = Self::empty(source.clone());
+        for (name, tensor) in tensors {
+            set.insert(name, tensor, source.clone())?;
+        }
+        Ok(set)
+    }
+
     /// Whether a tensor of this name is present.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
