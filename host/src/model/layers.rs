@@ -121,7 +121,10 @@ impl Linear {
         let in_features = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let flat = x.reshape((rows, in_features))?;
-        let mut y = flat.matmul(&self.weight.tensor().t()?)?;
+        let mut y = match &self.weight {
+            Param::Frozen(w) => super::frozen_linear::frozen_matmul(&flat, w)?,
+            Param::Trainable(w) => flat.matmul(&w.as_tensor().t()?)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias.tensor())?;
         }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod hf_config;
 pub mod layers;
 pub mod lora;
+pub mod frozen_linear;
 pub mod generate;
 pub mod ops;
 pub mod resolve;
