@@ -165,7 +165,8 @@ pub fn run(args: InferenceArgs) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        writeln!(stdout)?;
+        let rest = stream.finish(|all| tokenizer.decode(all, true))?;
+        writeln!(stdout, "{rest}")?;
         if !interactive {
             return Ok(());
         }

@@ -199,6 +199,20 @@ impl TextStream {
     }
 }
 
+impl TextStream {
+    /// The text not yet released, once no more tokens will come.
+    pub fn finish(&mut self, decode: impl Fn(&[u32]) -> Result<String>) -> Result<String> {
+        let text = decode(&self.ids)?;
+        let rest = if text.len() > self.printed && text.is_char_boundary(self.printed) {
+            text[self.printed..].to_string()
+        } else {
+            String::new()
+        };
+        self.printed = text.len();
+        Ok(rest)
+    }
+}
+
 impl Default for TextStream {
     fn default() -> Self {
         Self::new()

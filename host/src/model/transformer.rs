@@ -79,10 +79,42 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+/// Keys and values of one layer, in buffers with room to grow: appending a token writes it in
+/// place, so a decoding step never copies the cached prefix.
+#[derive(Clone, Debug)]
+struct LayerKv {
+    keys: Tensor,
+    values: Tensor,
+}
+
+impl LayerKv {
+    /// Writes `k`, `v` (`[batch, kv_heads, new, head_dim]`) after the first `len` positions and
+    /// returns views of all `len + new` positions.
+    fn append(slot: &mut Option<Self>, len: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (batch, heads, new, dim) = k.dims4()?;
+        let needed = len + new;
+        let capacity = slot.as_ref().map_or(0, |s| s.keys.dim(2).unwrap_or(0));
+        if needed > capacity {
+            let grown = needed.max(capacity * 2).max(64);
+            let keys = Tensor::zeros((batch, heads, grown, dim), k.dtype(), k.device())?;
+            let values = Tensor::zeros((batch, heads, grown, dim), v.dtype(), v.device())?;
+            if let Some(old) = slot.as_ref() {
+                keys.slice_set(&old.keys.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                values.slice_set(&old.values.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(Self { keys, values });
+        }
+        let buffers = slot.as_ref().expect("allocated above");
+        buffers.keys.slice_set(&k.contiguous()?, 2, len)?;
+        buffers.values.slice_set(&v.contiguous()?, 2, len)?;
+        Ok((buffers.keys.narrow(2, 0, needed)?, buffers.values.narrow(2, 0, needed)?))
+    }
+}
+
 /// Keys and values of earlier positions, one entry per layer.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     len: usize,
 }
 
@@ -297,7 +329,7 @@ impl CausalLm {
                     m
                 }
             };
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
             x = self.layer_forward(layer, &x, &cos, &sin, &mask, layer_cache)?;
         }
         if let Some(c) = cache {
@@ -328,7 +360,7 @@ impl CausalLm {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Result<Tensor> {
         let normed = layer.attn_in.forward(x)?;
         let mut attn = self.attention(&layer.self_attn, &normed, cos, sin, mask, cache)?;
@@ -351,7 +383,7 @@ impl CausalLm {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (batch, len, _) = x.dims3()?;
@@ -369,12 +401,8 @@ impl CausalLm {
         }
         let q = ops::apply_rotary(&q, cos, sin)?;
         let mut k = ops::apply_rotary(&k, cos, sin)?;
-        if let Some(slot) = cache {
-            if let Some((past_k, past_v)) = slot.as_ref() {
-                k = Tensor::cat(&[past_k, &k], 2)?;
-                v = Tensor::cat(&[past_v, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((slot, past)) = cache {
+            (k, v) = LayerKv::append(slot, past, &k, &v)?;
         }
         let kv_len = k.dim(2)?;
         let groups = heads / kv_heads;

@@ -215,3 +215,28 @@ fn target_modules_layers_to_transform_modules_to_save_and_rslora_follow_peft() {
     let regex = lora::attach_new(&mut base("qwen2"), &settings(TargetModules::Regex(r".*\.0\.mlp\..*_proj".into())), 0).unwrap();
     assert_eq!(regex.len(), 3);
 }
+
+#[test]
+fn lora_dropout_applies_only_while_training_and_is_seeded() {
+    let refs = reference("llama");
+    let ids = get(&refs, "input_ids");
+    let mut model = base("llama");
+    let mut s = settings(TargetModules::AllLinear);
+    s.dropout = 0.5;
+    lora::attach_new(&mut model, &s, 0).unwrap();
+    model.map_params(&mut |n, p| {
+        if n.contains(".lora_B.") {
+            p.var().unwrap().set(&(p.tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
+        }
+        p.clone()
+    });
+    let eval = model.forward(&ids, None).unwrap();
+    model.set_dropout(Some(3));
+    let first = model.forward(&ids, None).unwrap();
+    model.set_dropout(Some(3));
+    let again = model.forward(&ids, None).unwrap();
+    assert_eq!(max_abs_diff(&first, &again), 0.0, "the same seed drops the same units");
+    assert!(max_abs_diff(&first, &eval) > 1e-3, "dropout changed nothing while training");
+    model.set_dropout(None);
+    assert_eq!(max_abs_diff(&model.forward(&ids, None).unwrap(), &eval), 0.0);
+}

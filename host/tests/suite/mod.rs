@@ -6,3 +6,5 @@ mod lora;
 mod generation;
 mod resolve;
 mod bad_input;
+mod cli;
+mod tokenizer;
