@@ -70,6 +70,16 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Runs `step` once to warm up, then `steps` times, and returns the mean seconds per step.
+fn seconds_per_step(steps: usize, mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    step()?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    Ok(start.elapsed().as_secs_f64() / steps.max(1) as f64)
+}
+
 fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
     match args.iter().position(|a| a == name) {
         Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{name}")),
@@ -90,16 +100,10 @@ fn main() -> anyhow::Result<()> {
     let result = match mode.as_str() {
         "forward" => {
             let model = random_model(SMOLLM2_135M, false)?;
-            let run = || -> anyhow::Result<()> {
+            let secs = seconds_per_step(steps, || {
                 model.forward(&input, None)?;
                 Ok(())
-            };
-            run()?;
-            let start = Instant::now();
-            for _ in 0..steps {
-                run()?;
-            }
-            let secs = start.elapsed().as_secs_f64() / steps as f64;
+            })?;
             json!({"mode": mode, "seq": seq, "tokens_per_s": seq as f64 / secs, "step_s": secs})
         }
         "train-full" | "train-lora" => {
@@ -117,7 +121,7 @@ fn main() -> anyhow::Result<()> {
                 lora::attach_new(&mut model, &settings, 0)?;
             }
             let vars = model.trainable_params();
-            let run = || -> anyhow::Result<()> {
+            let secs = seconds_per_step(steps, || {
                 let logits = model.forward(&input, None)?;
                 let loss = ops::causal_lm_loss(&logits, &labels)?.mean()?;
                 let grads = loss.backward()?;
@@ -127,13 +131,7 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 Ok(())
-            };
-            run()?;
-            let start = Instant::now();
-            for _ in 0..steps {
-                run()?;
-            }
-            let secs = start.elapsed().as_secs_f64() / steps as f64;
+            })?;
             json!({"mode": mode, "seq": seq, "tokens_per_s": seq as f64 / secs, "step_s": secs})
         }
         "generate" => {

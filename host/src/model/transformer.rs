@@ -135,6 +135,15 @@ impl KvCache {
     }
 }
 
+/// What attention needs to know about the positions of one forward pass: rotary tables and
+/// the additive mask of the layer's attention kind.
+#[derive(Clone, Copy)]
+struct Positions<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: &'a Tensor,
+}
+
 /// A causal language model.
 #[derive(Debug)]
 pub struct CausalLm {
@@ -330,7 +339,7 @@ impl CausalLm {
                 }
             };
             let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-            x = self.layer_forward(layer, &x, &cos, &sin, &mask, layer_cache)?;
+            x = self.layer_forward(layer, &x, &Positions { cos: &cos, sin: &sin, mask: &mask }, layer_cache)?;
         }
         if let Some(c) = cache {
             c.len = past + len;
@@ -357,13 +366,11 @@ impl CausalLm {
         &self,
         layer: &DecoderLayer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        at: &Positions,
         cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Result<Tensor> {
         let normed = layer.attn_in.forward(x)?;
-        let mut attn = self.attention(&layer.self_attn, &normed, cos, sin, mask, cache)?;
+        let mut attn = self.attention(&layer.self_attn, &normed, at, cache)?;
         if let Some(n) = &layer.attn_out {
             attn = n.forward(&attn)?;
         }
@@ -380,11 +387,10 @@ impl CausalLm {
         &self,
         attn: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        at: &Positions,
         cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Result<Tensor> {
+        let Positions { cos, sin, mask } = *at;
         let c = &self.config;
         let (batch, len, _) = x.dims3()?;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);

@@ -7,4 +7,5 @@ mod generation;
 mod resolve;
 mod bad_input;
 mod cli;
+mod hub_download;
 mod tokenizer;
