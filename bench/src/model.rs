@@ -88,6 +88,7 @@ fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
 }
 
 fn main() -> anyhow::Result<()> {
+    axl::allocator::tune_for_tensors();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().context("usage: axl-bench-model forward|train-full|train-lora|generate [--seq N] [--steps N] [--new-tokens N]")?.clone();
     let seq = arg(&args, "--seq", 512)?;

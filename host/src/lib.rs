@@ -3,6 +3,7 @@
 //! This crate is the host runtime: the model code ([`model`]), the configuration
 //! ([`config`]), chat templates ([`chat_template`]) and the `axl` command line ([`cli`]).
 
+pub mod allocator;
 pub mod chat_template;
 pub mod cli;
 pub mod config;

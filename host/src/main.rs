@@ -4,6 +4,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    axl::allocator::tune_for_tensors();
     let cli = axl::cli::Cli::parse();
     match axl::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
