@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod chat_template;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod fsio;
 pub mod model;
 pub mod setup;
