@@ -93,16 +93,39 @@ impl ChatTemplate {
     }
 }
 
-/// The ChatML template (`chat_template: chatml`).
-pub const CHATML: &str = "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}\
-{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}\
-{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+/// The chat templates built into axl, by the name the configuration uses. Each is written
+/// for the conversation format its model family defines (`host/templates/NAME.jinja`).
+pub const BUILTINS: &[(&str, &str)] = &[("chatml", include_str!("../templates/chatml.jinja"))];
 
-/// A template built into axl, by the name the configuration uses.
+/// The names of the built-in templates.
+pub const BUILTIN_NAMES: &[&str] = &["chatml"];
+
+/// A built-in template by name.
 pub fn builtin(name: &str) -> Option<&'static str> {
-    match name {
-        "chatml" => Some(CHATML),
-        _ => None,
+    BUILTINS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+impl ChatTemplate {
+    /// Renders messages given as JSON objects (with any extra keys the template reads, such as
+    /// `tool_calls`), with optional `tools`.
+    pub fn render_values(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        special: &SpecialTokens,
+    ) -> Result<String, TemplateError> {
+        let template = self.env.get_template("chat")?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            tools => tools,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => special.bos_token.clone().unwrap_or_default(),
+            eos_token => special.eos_token.clone().unwrap_or_default(),
+            pad_token => special.pad_token.clone(),
+            unk_token => special.unk_token.clone(),
+        };
+        Ok(template.render(ctx)?)
     }
 }
 

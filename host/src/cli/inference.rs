@@ -74,8 +74,7 @@ fn prompter(cfg: &LoadedConfig, args: &InferenceArgs, tokenizer: &ModelTokenizer
         .datasets
         .as_ref()
         .and_then(|d| d.first())
-        .and_then(|d| d.get("type"))
-        .and_then(|t| t.as_str())
+        .and_then(|d| d.type_name())
         .map(str::to_string);
     let choice = match args.prompter.as_deref() {
         Some(p) => p.to_ascii_lowercase(),

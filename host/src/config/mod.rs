@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
+use crate::data::config::{DatasetConfig, DATASET_KEYS, UNIMPLEMENTED_DATASET_KEYS};
+use crate::data::pipeline::ExcessLength;
 use crate::model::lora::{LoraSettings, TargetModules};
 
 /// One problem in a configuration file.
@@ -124,8 +126,30 @@ pub struct AxlConfig {
     pub chat_template: Option<String>,
     /// Jinja text or file for `chat_template: jinja`.
     pub chat_template_jinja: Option<String>,
-    /// Datasets (read by the data pipeline; inference uses the first one's prompt format).
-    pub datasets: Option<Vec<Value>>,
+    /// Training datasets.
+    pub datasets: Option<Vec<DatasetConfig>>,
+    /// Evaluation datasets.
+    pub test_datasets: Option<Vec<DatasetConfig>>,
+    /// Where prepared datasets are cached.
+    pub dataset_prepared_path: Option<String>,
+    /// Train on prompts too.
+    pub train_on_inputs: bool,
+    /// `drop`, `truncate` or `raise` for examples longer than `sequence_len`.
+    pub excess_length_strategy: Option<ExcessLength>,
+    /// Examples shorter than this are left out.
+    pub min_sample_len: Option<usize>,
+    /// Shuffle the merged datasets.
+    pub shuffle_merged_datasets: bool,
+    /// Pack several examples into each sequence.
+    pub sample_packing: bool,
+    /// Pack evaluation examples too (defaults to `sample_packing`).
+    pub eval_sample_packing: Option<bool>,
+    /// Pad every batch to `sequence_len`.
+    pub pad_to_sequence_len: Option<bool>,
+    /// Examples (or packed bins) per micro-batch.
+    pub micro_batch_size: usize,
+    /// Threads for preprocessing.
+    pub dataset_processes: Option<usize>,
     /// Random seed.
     pub seed: Option<u64>,
     /// Special tokens to set.
@@ -160,6 +184,17 @@ impl Default for AxlConfig {
             chat_template: None,
             chat_template_jinja: None,
             datasets: None,
+            test_datasets: None,
+            dataset_prepared_path: None,
+            train_on_inputs: false,
+            excess_length_strategy: None,
+            min_sample_len: None,
+            shuffle_merged_datasets: true,
+            sample_packing: false,
+            eval_sample_packing: None,
+            pad_to_sequence_len: None,
+            micro_batch_size: 1,
+            dataset_processes: None,
             seed: None,
             special_tokens: None,
         }
@@ -193,6 +228,17 @@ pub const AXL_KEYS: &[&str] = &[
     "chat_template",
     "chat_template_jinja",
     "datasets",
+    "test_datasets",
+    "dataset_prepared_path",
+    "train_on_inputs",
+    "excess_length_strategy",
+    "min_sample_len",
+    "shuffle_merged_datasets",
+    "sample_packing",
+    "eval_sample_packing",
+    "pad_to_sequence_len",
+    "micro_batch_size",
+    "dataset_processes",
     "seed",
     "special_tokens",
 ];
@@ -213,6 +259,69 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
     text.lines().position(|l| {
         l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
     }).map(|i| i + 1)
+}
+
+/// The line of `key` inside entry `index` of the list under top-level key `list`.
+fn nested_line(text: &str, list: &str, index: usize, key: &str) -> Option<usize> {
+    let start = line_of(text, list)?;
+    let mut entry: Option<usize> = None;
+    for (i, line) in text.lines().enumerate().skip(start) {
+        if !line.is_empty() && !line.starts_with([' ', '\t', '-', '#']) {
+            break;
+        }
+        let trimmed = line.trim_start();
+        let body = match trimmed.strip_prefix("- ") {
+            Some(rest) => {
+                entry = Some(entry.map_or(0, |e| e + 1));
+                rest.trim_start()
+            }
+            None => trimmed,
+        };
+        if entry == Some(index) && body.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':')) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+fn check_datasets(list: &str, value: &Value, text: &str) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let Value::Sequence(entries) = value else {
+        if !value.is_null() {
+            problems.push(Problem { key: list.into(), line: line_of(text, list), message: "expected a list of datasets".into() });
+        }
+        return problems;
+    };
+    for (index, entry) in entries.iter().enumerate() {
+        let Value::Mapping(map) = entry else {
+            problems.push(Problem { key: format!("{list}[{index}]"), line: line_of(text, list), message: "expected a mapping of dataset keys".into() });
+            continue;
+        };
+        for (key, value) in map {
+            let name = key.as_str().unwrap_or_default();
+            let path = format!("{list}[{index}].{name}");
+            let line = nested_line(text, list, index, name);
+            if let Some((_, why)) = UNIMPLEMENTED_DATASET_KEYS.iter().find(|(k, _)| *k == name) {
+                problems.push(Problem { key: path, line, message: format!("not implemented yet: {why}") });
+            } else if DATASET_KEYS.contains(&name) {
+                let mut single = Mapping::new();
+                single.insert(key.clone(), value.clone());
+                if let Err(e) = serde_yaml::from_value::<DatasetConfig>(Value::Mapping(single)) {
+                    problems.push(Problem { key: path, line, message: clean_message(e.to_string()) });
+                }
+            } else {
+                let hint = DATASET_KEYS
+                    .iter()
+                    .map(|k| (strsim::jaro_winkler(name, k), *k))
+                    .filter(|(score, _)| *score > 0.8)
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, k)| format!("; did you mean `{k}`?"))
+                    .unwrap_or_default();
+                problems.push(Problem { key: path, line, message: format!("unknown dataset key{hint}") });
+            }
+        }
+    }
+    problems
 }
 
 fn nearest_key(key: &str) -> Option<&'static str> {
@@ -263,6 +372,10 @@ impl LoadedConfig {
                 continue;
             };
             let line = line_of(text, name);
+            if name == "datasets" || name == "test_datasets" {
+                problems.extend(check_datasets(name, value, text));
+                continue;
+            }
             if AXL_KEYS.contains(&name) {
                 let mut single = Mapping::new();
                 single.insert(key.clone(), value.clone());

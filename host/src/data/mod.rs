@@ -8,3 +8,10 @@ pub mod error;
 pub mod source;
 
 pub use error::{DataError, Location};
+pub mod config;
+pub mod example;
+pub mod instruct;
+pub mod chat;
+pub mod hub;
+pub mod pipeline;
+pub mod strategy;

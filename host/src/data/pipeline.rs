@@ -1,0 +1,224 @@
+//! From `datasets:` to tokenized examples: read each dataset's rows, format and tokenize them
+//! in parallel, apply the length policy, merge and shuffle.
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::config::DatasetConfig;
+use super::error::{DataError, Result};
+use super::example::{tokenize, Tokenized};
+use super::hub;
+use super::source::{self, Format, Row};
+use super::strategy::{Strategy, StrategyContext};
+use crate::model::resolve::HubSettings;
+use crate::model::tokenizer::ModelTokenizer;
+
+/// What to do with an example longer than `sequence_len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExcessLength {
+    /// Leave it out (and count it).
+    Drop,
+    /// Keep its first `sequence_len` tokens.
+    Truncate,
+    /// Stop with an error naming it.
+    Raise,
+}
+
+/// The top-level settings that shape the prepared data.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct DataSettings {
+    /// Maximum tokens per example.
+    pub sequence_len: usize,
+    /// Train on prompts too.
+    pub train_on_inputs: bool,
+    /// Policy for long examples.
+    pub excess_length: ExcessLength,
+    /// Examples shorter than this are left out (Axolotl's default: 2).
+    pub min_sample_len: usize,
+    /// Shuffle the merged datasets.
+    pub shuffle: bool,
+    /// Seed of the shuffle.
+    pub seed: u64,
+    /// The top-level `chat_template`.
+    pub chat_template: Option<String>,
+    /// The top-level `chat_template_jinja`.
+    pub chat_template_jinja: Option<String>,
+}
+
+/// What happened to one dataset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatasetReport {
+    /// `datasets[i] (path)`.
+    pub label: String,
+    /// Files read.
+    pub files: Vec<PathBuf>,
+    /// Rows read.
+    pub rows: usize,
+    /// Examples kept.
+    pub examples: usize,
+    /// Examples left out for exceeding `sequence_len`.
+    pub dropped_too_long: usize,
+    /// Examples cut to `sequence_len`.
+    pub truncated: usize,
+    /// Examples left out for being shorter than `min_sample_len`.
+    pub dropped_too_short: usize,
+    /// Tokens kept.
+    pub tokens: usize,
+    /// Trained tokens kept.
+    pub trained_tokens: usize,
+}
+
+/// Where a dataset's files are and how to read them.
+pub fn dataset_files(ds: &DatasetConfig, base_dir: &Path, hub_settings: &HubSettings) -> Result<(Vec<PathBuf>, Option<Format>)> {
+    let path = ds.path.as_deref().ok_or_else(|| DataError::msg("missing").field("path"))?;
+    let forced = match ds.ds_type.as_deref() {
+        Some(t) => Some(Format::from_ds_type(t).ok_or_else(|| {
+            DataError::msg(format!("`{t}` is not a supported file type (json, jsonl, csv, parquet, text)")).field("ds_type")
+        })?),
+        None => None,
+    };
+    let data_files = ds.data_files.as_ref().map(|d| d.to_vec()).unwrap_or_default();
+    let local = if Path::new(path).is_absolute() { PathBuf::from(path) } else { base_dir.join(path) };
+    let looks_local = local.exists() || path.contains(['*', '?', '[']) || path.starts_with('.') || path.starts_with('/');
+    if looks_local {
+        let files = if !data_files.is_empty() && local.is_dir() {
+            let mut files = Vec::new();
+            for pattern in &data_files {
+                files.extend(source::expand(&local.join(pattern))?);
+            }
+            files
+        } else {
+            source::expand(&local)?
+        };
+        return Ok((files, forced));
+    }
+    let files = hub::dataset_files(path, ds.split(), ds.name.as_deref(), &data_files, hub_settings)?;
+    Ok((files, forced))
+}
+
+fn read_rows(files: &[PathBuf], forced: Option<Format>) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for file in files {
+        let format = match forced.or_else(|| Format::from_path(file)) {
+            Some(f) => f,
+            None => {
+                return Err(DataError::msg("cannot tell the file format from the extension; set ds_type").at(file.as_path(), None))
+            }
+        };
+        rows.extend(source::read_file(file, format)?);
+    }
+    Ok(rows)
+}
+
+/// The label of a dataset in messages.
+pub fn dataset_label(index: usize, ds: &DatasetConfig) -> String {
+    format!("datasets[{index}] ({})", ds.path.as_deref().unwrap_or("no path"))
+}
+
+/// Prepares every dataset and merges them. Errors name the dataset, file, line and field.
+pub fn prepare(
+    datasets: &[DatasetConfig],
+    settings: &DataSettings,
+    tokenizer: &ModelTokenizer,
+    hub_settings: &HubSettings,
+    base_dir: &Path,
+) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
+    let ctx = StrategyContext {
+        train_on_inputs: settings.train_on_inputs,
+        chat_template: settings.chat_template.as_deref(),
+        chat_template_jinja: settings.chat_template_jinja.as_deref(),
+        base_dir,
+        tokenizer,
+    };
+    let mut merged = Vec::new();
+    let mut reports = Vec::new();
+    for (index, ds) in datasets.iter().enumerate() {
+        let label = dataset_label(index, ds);
+        let (examples, report) = prepare_one(ds, &label, settings, &ctx, hub_settings, base_dir).map_err(|e| e.in_dataset(&label))?;
+        merged.extend(examples);
+        reports.push(report);
+    }
+    if merged.is_empty() {
+        let detail: Vec<String> = reports
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}: {} rows, {} too long, {} too short",
+                    r.label, r.rows, r.dropped_too_long, r.dropped_too_short
+                )
+            })
+            .collect();
+        return Err(DataError::msg(format!("no training example is left ({})", detail.join("; "))));
+    }
+    if settings.shuffle {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed);
+        merged.shuffle(&mut rng);
+    }
+    Ok((merged, reports))
+}
+
+fn prepare_one(
+    ds: &DatasetConfig,
+    label: &str,
+    settings: &DataSettings,
+    ctx: &StrategyContext,
+    hub_settings: &HubSettings,
+    base_dir: &Path,
+) -> Result<(Vec<Tokenized>, DatasetReport)> {
+    let strategy = Strategy::for_dataset(ds, ctx)?;
+    let (files, forced) = dataset_files(ds, base_dir, hub_settings)?;
+    let mut rows = read_rows(&files, forced)?;
+    if let Some(count) = ds.shards {
+        rows = source::shard(rows, count, ds.shards_idx.unwrap_or(0)).map_err(|e| e.field("shards_idx"))?;
+    }
+    let row_count = rows.len();
+    let tokenized: Vec<Vec<Tokenized>> = rows
+        .par_iter()
+        .map(|row| -> Result<Vec<Tokenized>> {
+            let mut out = Vec::new();
+            for formatted in strategy.format(row)? {
+                out.extend(tokenize(formatted, ctx.tokenizer, settings.sequence_len).map_err(|e| e.at(row.file.as_path(), Some(row.location)))?);
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    let mut report = DatasetReport { label: label.to_string(), files, rows: row_count, ..DatasetReport::default() };
+    let mut kept = Vec::with_capacity(tokenized.len());
+    for (row, examples) in rows.iter().zip(tokenized) {
+        for mut example in examples {
+            if example.len() < settings.min_sample_len {
+                report.dropped_too_short += 1;
+                continue;
+            }
+            if example.len() > settings.sequence_len {
+                match settings.excess_length {
+                    ExcessLength::Drop => {
+                        report.dropped_too_long += 1;
+                        continue;
+                    }
+                    ExcessLength::Truncate => {
+                        example.input_ids.truncate(settings.sequence_len);
+                        example.labels.truncate(settings.sequence_len);
+                        report.truncated += 1;
+                    }
+                    ExcessLength::Raise => {
+                        return Err(row.error(format!(
+                            "example of {} tokens exceeds sequence_len {} (excess_length_strategy: raise)",
+                            example.len(),
+                            settings.sequence_len
+                        )));
+                    }
+                }
+            }
+            report.tokens += example.len();
+            report.trained_tokens += example.trained();
+            kept.push(example);
+        }
+    }
+    report.examples = kept.len();
+    Ok((kept, report))
+}

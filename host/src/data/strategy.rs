@@ -1,0 +1,174 @@
+//! Prompt strategies by `type:`: which one a dataset uses, and how it formats a row.
+
+use serde_json::Value;
+
+use super::chat::ChatStrategy;
+use super::config::{DatasetConfig, DatasetType};
+use super::error::{DataError, Result};
+use super::example::{Formatted, TextExample};
+use super::instruct::{kind_of, text_of, InstructStrategy};
+use super::source::Row;
+use crate::model::tokenizer::ModelTokenizer;
+
+/// What strategies need from the rest of the configuration.
+#[derive(Clone, Copy)]
+pub struct StrategyContext<'a> {
+    /// `train_on_inputs`.
+    pub train_on_inputs: bool,
+    /// The top-level `chat_template`.
+    pub chat_template: Option<&'a str>,
+    /// The top-level `chat_template_jinja`.
+    pub chat_template_jinja: Option<&'a str>,
+    /// Where relative template paths are resolved.
+    pub base_dir: &'a std::path::Path,
+    /// The tokenizer (for its chat template and special tokens).
+    pub tokenizer: &'a ModelTokenizer,
+}
+
+/// A prompt strategy.
+#[derive(Debug)]
+pub enum Strategy {
+    /// Instruction, input, response (the alpaca family and inline formats).
+    Instruct(InstructStrategy),
+    /// Raw text, trained in full, cut into `sequence_len` pieces.
+    Completion {
+        /// The text field.
+        field: String,
+    },
+    /// Segments of text, each trained or not.
+    InputOutput {
+        /// Train on every segment.
+        train_on_inputs: bool,
+    },
+    /// Rows that already hold `input_ids` and `labels`.
+    Pretokenized,
+    /// Conversations rendered with a chat template.
+    Chat(Box<ChatStrategy>),
+}
+
+/// The type names axl implements, for error messages.
+pub const KNOWN_TYPES: &[&str] = &[
+    "alpaca",
+    "alpaca:chat",
+    "alpaca:chatml",
+    "alpaca:phi",
+    "alpaca_instruct",
+    "alpaca_chat",
+    "alpaca_chat.load_qa",
+    "alpaca_chat.load_concise",
+    "alpaca_chat.load_camel_ai",
+    "alpaca_w_system",
+    "alpaca_w_system.load_instruct",
+    "alpaca_w_system.load_open_orca",
+    "orcamini",
+    "context_qa",
+    "chat_template",
+    "completion",
+    "input_output",
+];
+
+impl Strategy {
+    /// The strategy of a dataset.
+    pub fn for_dataset(ds: &DatasetConfig, ctx: &StrategyContext) -> Result<Self> {
+        let name = match &ds.kind {
+            None => return Ok(Self::Pretokenized),
+            Some(DatasetType::UserDefined(p)) => {
+                return Ok(Self::Instruct(InstructStrategy::user_defined(p, ctx.train_on_inputs)))
+            }
+            Some(DatasetType::Name(n)) if n.is_empty() => return Ok(Self::Pretokenized),
+            Some(DatasetType::Name(n)) => n.as_str(),
+        };
+        let name = name.strip_prefix("axolotl.prompt_strategies.").unwrap_or(name);
+        match name {
+            "completion" => return Ok(Self::Completion { field: ds.field.clone().unwrap_or_else(|| "text".into()) }),
+            "input_output" => return Ok(Self::InputOutput { train_on_inputs: ctx.train_on_inputs }),
+            "chat_template" | "chat_template.default" | "chat_template.load" => {
+                return Ok(Self::Chat(Box::new(ChatStrategy::new(ds, ctx)?)))
+            }
+            _ => {}
+        }
+        if let Some(made) = InstructStrategy::by_name(name, ds.conversation.as_deref(), ctx.train_on_inputs) {
+            return made.map(Self::Instruct).map_err(|e| DataError::msg(e).field("type"));
+        }
+        let hint = if name.contains(":load_") {
+            format!("; did you mean `{}`?", name.replace(":load_", ".load_"))
+        } else {
+            format!("; implemented: {}", KNOWN_TYPES.join(", "))
+        };
+        Err(DataError::msg(format!("unknown prompt strategy `{name}`{hint}")).field("type"))
+    }
+
+    /// Formats one row into zero or more examples.
+    pub fn format(&self, row: &Row) -> Result<Vec<Formatted>> {
+        match self {
+            Self::Instruct(s) => s.format(row).map(|f| vec![f]),
+            Self::Completion { field } => {
+                let text = match row.fields.get(field) {
+                    Some(v) => text_of(row, field, v)?,
+                    None => return Err(row.field_error(field, "missing")),
+                };
+                if text.is_empty() {
+                    return Ok(vec![]);
+                }
+                let mut example = TextExample::from_pieces(&[(&text, true)]);
+                example.add_special_tokens = true;
+                example.append_eos = Some(true);
+                example.train_all = true;
+                example.chunk = true;
+                Ok(vec![Formatted::Text(example)])
+            }
+            Self::InputOutput { train_on_inputs } => {
+                let segments = match row.fields.get("segments") {
+                    Some(Value::Array(s)) => s,
+                    Some(other) => return Err(row.field_error("segments", format!("expected a list, found {}", kind_of(other)))),
+                    None => return Err(row.field_error("segments", "missing")),
+                };
+                let mut pieces = Vec::with_capacity(segments.len());
+                for (i, segment) in segments.iter().enumerate() {
+                    let at = |key: &str| format!("segments[{i}].{key}");
+                    let text = match segment.get("text") {
+                        Some(v) => text_of(row, &at("text"), v)?,
+                        None => return Err(row.field_error(&at("text"), "missing")),
+                    };
+                    let label = match segment.get("label") {
+                        Some(Value::Bool(b)) => *b,
+                        Some(other) => return Err(row.field_error(&at("label"), format!("expected true or false, found {}", kind_of(other)))),
+                        None => return Err(row.field_error(&at("label"), "missing")),
+                    };
+                    pieces.push((text, label || *train_on_inputs));
+                }
+                let borrowed: Vec<(&str, bool)> = pieces.iter().map(|(t, l)| (t.as_str(), *l)).collect();
+                Ok(vec![Formatted::Text(TextExample::from_pieces(&borrowed))])
+            }
+            Self::Pretokenized => {
+                let ids = |key: &str| -> Result<Vec<i64>> {
+                    match row.fields.get(key) {
+                        Some(Value::Array(a)) => a
+                            .iter()
+                            .map(|v| v.as_i64())
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| row.field_error(key, "expected a list of integers")),
+                        Some(other) => Err(row.field_error(key, format!("expected a list of integers, found {}", kind_of(other)))),
+                        None => Err(row.field_error(
+                            key,
+                            "missing (a dataset without `type:` must be pre-tokenized: input_ids and labels)",
+                        )),
+                    }
+                };
+                let input_ids = ids("input_ids")?;
+                let labels = ids("labels")?;
+                if input_ids.iter().any(|&i| i < 0 || i > u32::MAX as i64) {
+                    return Err(row.field_error("input_ids", "token ids must be non-negative"));
+                }
+                if input_ids.len() != labels.len() {
+                    return Err(row.field_error(
+                        "labels",
+                        format!("has {} entries but input_ids has {}", labels.len(), input_ids.len()),
+                    ));
+                }
+                Ok(vec![Formatted::Tokens { input_ids: input_ids.into_iter().map(|i| i as u32).collect(), labels }])
+            }
+            Self::Chat(s) => s.format(row).map(|f| vec![f]),
+        }
+    }
+}
