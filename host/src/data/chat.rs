@@ -22,6 +22,9 @@ use super::source::Row;
 use super::strategy::StrategyContext;
 use crate::chat_template::{self, ChatTemplate, SpecialTokens};
 
+/// How many bytes of template text may separate a turn's content from the marker closing it.
+const MAX_MARKER_GAP: usize = 16;
+
 const SENTINEL: &str = "\u{E000}axl-turn-content\u{E001}";
 
 /// A conversation strategy.
@@ -260,6 +263,7 @@ impl ChatStrategy {
         let plain: Vec<Map<String, Value>> = messages.iter().map(|(m, _)| m.clone()).collect();
         let text = self.render(&plain, tools).map_err(|e| row.error(e))?;
         let mut trainable: Vec<Range<usize>> = Vec::new();
+        let mut trainable_whole_tokens: Vec<Range<usize>> = Vec::new();
         let mut turn_ends: Vec<(usize, bool)> = Vec::new();
         for (i, (message, training)) in messages.iter().enumerate() {
             let Some(Value::String(content)) = message.get("content") else {
@@ -277,9 +281,12 @@ impl ChatStrategy {
                     for piece in detail.iter().filter(|d| d.train) {
                         let (start, end) = char_range_to_bytes(content, piece.begin, piece.end);
                         if span.len() == content.len() {
-                            trainable.push(span.start + start..span.start + end);
+                            trainable_whole_tokens.push(span.start + start..span.start + end);
                         } else {
-                            trainable.push(span.clone());
+                            return Err(row.field_error(
+                                &format!("{}[{i}]", self.field_messages),
+                                "the template changes this message's content, so character offsets of a training detail cannot be placed",
+                            ));
                         }
                     }
                 }
@@ -289,7 +296,7 @@ impl ChatStrategy {
         }
         trainable.extend(self.end_token_spans(&text, &turn_ends));
         trainable.sort_by_key(|r| r.start);
-        Ok(Formatted::Text(TextExample { text, trainable, ..TextExample::default() }))
+        Ok(Formatted::Text(TextExample { text, trainable, trainable_whole_tokens, ..TextExample::default() }))
     }
 
     /// Where the content of message `i` lies in `text`, by rendering it as a sentinel.
@@ -356,10 +363,9 @@ impl ChatStrategy {
                         if !trained {
                             continue;
                         }
-                        // The first marker of this kind after the turn's content closes it,
-                        // provided no other turn's content starts in between.
-                        let next_turn = turn_ends.iter().map(|(e, _)| *e).filter(|e| e > end).min().unwrap_or(usize::MAX);
-                        if let Some(r) = of_kind.iter().find(|r| r.start >= *end && r.start < next_turn) {
+                        // The marker that closes the turn follows its content closely (template
+                        // padding at most); a marker further away belongs to something else.
+                        if let Some(r) = of_kind.iter().find(|r| r.start >= *end && r.start - *end <= MAX_MARKER_GAP) {
                             out.push((*r).clone());
                         }
                     }

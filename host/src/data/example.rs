@@ -1,7 +1,9 @@
 //! What a prompt strategy makes of a row, and how that becomes token ids and labels.
 //!
 //! A strategy produces text with trainable byte ranges; the text is tokenized once, with
-//! offsets, and a token is trained when its first byte lies in a trainable range. (Axolotl
+//! offsets, and a token is trained when it overlaps a trainable range (the model has to emit
+//! that token to produce the trained text), or, for ranges marked whole-token, when it lies
+//! entirely inside one. (Axolotl
 //! tokenizes prompt and response separately and concatenates the ids, so its token boundaries
 //! at the join can differ from what the model sees at inference time; axl tokenizes the text
 //! the model will be given.)
@@ -18,8 +20,10 @@ use super::error::{DataError, Result};
 pub struct TextExample {
     /// The full text.
     pub text: String,
-    /// Byte ranges of `text` whose tokens are trained.
+    /// Byte ranges of `text` whose tokens are trained: every token overlapping one.
     pub trainable: Vec<Range<usize>>,
+    /// Byte ranges of `text` whose tokens are trained only when entirely inside one.
+    pub trainable_whole_tokens: Vec<Range<usize>>,
     /// Let the tokenizer add its special tokens (BOS), as `tokenizer(text)` does in Python.
     pub add_special_tokens: bool,
     /// Append the EOS token after the text, trained or not, unless the text already ends with it.
@@ -120,8 +124,17 @@ pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: 
     for (i, &id) in ids.iter().enumerate() {
         let (start, end) = offsets[i];
         let added_by_tokenizer = special[i] == 1 && start == end;
+        let overlaps = |r: &Range<usize>| {
+            if start == end {
+                r.start <= start && start < r.end
+            } else {
+                start < r.end && r.start < end
+            }
+        };
         let trained = example.train_all
-            || (!added_by_tokenizer && example.trainable.iter().any(|r| r.start <= start && start < r.end));
+            || (!added_by_tokenizer
+                && (example.trainable.iter().any(overlaps)
+                    || example.trainable_whole_tokens.iter().any(|r| r.start <= start && end <= r.end)));
         input_ids.push(id);
         labels.push(if trained { id as i64 } else { IGNORE_INDEX });
     }

@@ -49,6 +49,22 @@ pub struct DataSettings {
     pub chat_template_jinja: Option<String>,
 }
 
+impl DataSettings {
+    /// The settings a configuration gives.
+    pub fn from_config(c: &crate::config::AxlConfig) -> Self {
+        Self {
+            sequence_len: c.sequence_len,
+            train_on_inputs: c.train_on_inputs,
+            excess_length: c.excess_length_strategy.unwrap_or(ExcessLength::Drop),
+            min_sample_len: c.min_sample_len.unwrap_or(2),
+            shuffle: c.shuffle_merged_datasets,
+            seed: c.seed.unwrap_or(42),
+            chat_template: c.chat_template.clone(),
+            chat_template_jinja: c.chat_template_jinja.clone(),
+        }
+    }
+}
+
 /// What happened to one dataset.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetReport {

@@ -9,3 +9,4 @@ mod bad_input;
 mod cli;
 mod hub_download;
 mod tokenizer;
+mod data;

@@ -1,0 +1,233 @@
+//! The data pipeline: every prompt strategy's texts and labels, length policies, sources and
+//! the errors bad data gets.
+
+use std::path::Path;
+
+use axl::data::config::DatasetConfig;
+use axl::data::example::Tokenized;
+use axl::data::pipeline::{prepare, DataSettings, DatasetReport, ExcessLength};
+use axl::model::resolve::HubSettings;
+use axl::model::tokenizer::ModelTokenizer;
+
+use super::common::fixture;
+
+pub fn tokenizer() -> ModelTokenizer {
+    ModelTokenizer::load(&fixture("llama")).unwrap()
+}
+
+pub fn settings() -> DataSettings {
+    DataSettings {
+        sequence_len: 512,
+        train_on_inputs: false,
+        excess_length: ExcessLength::Drop,
+        min_sample_len: 2,
+        shuffle: false,
+        seed: 42,
+        chat_template: None,
+        chat_template_jinja: None,
+    }
+}
+
+fn offline() -> HubSettings {
+    HubSettings { cache_dirs: vec![], offline: true, endpoint: None, token: None }
+}
+
+/// Prepares one dataset described in YAML (with `{dir}` replaced by `dir`).
+pub fn run(dir: &Path, yaml: &str, s: &DataSettings) -> Result<(Vec<Tokenized>, Vec<DatasetReport>), axl::data::DataError> {
+    let ds: DatasetConfig = serde_yaml::from_str(&yaml.replace("{dir}", &dir.display().to_string())).unwrap();
+    prepare(&[ds], s, &tokenizer(), &offline(), dir)
+}
+
+/// (full text, trained text) of an example.
+pub fn texts(t: &Tokenized) -> (String, String) {
+    let tok = tokenizer();
+    let trained: Vec<u32> = t.labels.iter().filter(|l| **l >= 0).map(|l| *l as u32).collect();
+    (tok.decode(&t.input_ids, false).unwrap(), tok.decode(&trained, false).unwrap())
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+const ALPACA_ROWS: &str = r#"{"instruction": "Say hi.", "input": "", "output": "Hi!"}
+{"instruction": "Add.", "input": "2 and 3", "output": "5"}
+"#;
+
+#[test]
+fn alpaca_uses_axolotls_prompt_and_trains_the_response_and_eos() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.jsonl", ALPACA_ROWS);
+    let (examples, reports) = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &settings()).unwrap();
+    assert_eq!(reports[0].rows, 2);
+    let (full, trained) = texts(&examples[0]);
+    assert_eq!(full, "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\nHi!<|im_end|>");
+    assert_eq!(trained, "Hi!<|im_end|>");
+    let (full, trained) = texts(&examples[1]);
+    assert_eq!(full, "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n5<|im_end|>");
+    assert_eq!(trained, "5<|im_end|>");
+
+    let mut all = settings();
+    all.train_on_inputs = true;
+    let (examples, _) = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &all).unwrap();
+    let (full, trained) = texts(&examples[0]);
+    assert_eq!(full, trained, "train_on_inputs trains everything");
+}
+
+#[test]
+fn alpaca_styles_and_loaders_have_axolotls_texts() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.jsonl", ALPACA_ROWS);
+    write(dir.path(), "qa.jsonl", "{\"question\": \"Why?\", \"answer\": \"Because.\"}\n");
+    write(dir.path(), "orca.jsonl", "{\"system_prompt\": \"Be brief.\", \"question\": \"Q?\", \"response\": \"A.\"}\n");
+    let cases: &[(&str, &str, &str)] = &[
+        ("a.jsonl", "alpaca:chatml", "<|im_start|>system\nBelow is an instruction that describes a task. Write a response that appropriately completes the request.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"),
+        ("a.jsonl", "alpaca:phi", "<|system|>\nBelow is an instruction that describes a task. Write a response that appropriately completes the request.<|end|>\n<|user|>\nSay hi.<|end|>\n<|assistant|>\n"),
+        ("a.jsonl", "alpaca_chat", "SYSTEM: Below is an instruction that describes a task. Write a response that appropriately completes the request.\nUSER: Say hi.\nASSISTANT:"),
+        ("a.jsonl", "alpaca_chat.load_concise", "SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n\nUSER: Say hi.\nASSISTANT:"),
+        ("qa.jsonl", "alpaca_chat.load_qa", "SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n\nUSER: Why?\nASSISTANT:"),
+        ("orca.jsonl", "alpaca_w_system.load_open_orca", "### System:\nBe brief.\n### Human:\nQ?\n### Assistant:\n"),
+    ];
+    for (file, kind, prompt) in cases {
+        let (examples, _) = run(dir.path(), &format!("path: {{dir}}/{file}\ntype: {kind}"), &settings()).unwrap();
+        let (full, trained) = texts(&examples[0]);
+        assert!(full.starts_with(prompt), "{kind}: {full:?}");
+        assert_eq!(format!("{prompt}{trained}"), full, "{kind}: only the response is trained");
+    }
+}
+
+#[test]
+fn user_defined_format_fills_fields_and_masks_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "u.jsonl", "{\"q\": \"hi\", \"a\": \"hello\"}\n");
+    let yaml = "path: {dir}/u.jsonl\ntype:\n  system_prompt: SYS\n  field_instruction: q\n  field_output: a\n  format: \"[INST] {instruction} {input} [/INST]\"\n  no_input_format: \"[INST] {instruction} [/INST]\"\n";
+    let (examples, _) = run(dir.path(), yaml, &settings()).unwrap();
+    assert_eq!(texts(&examples[0]), ("SYS[INST] hi [/INST]hello<|im_end|>".into(), "hello<|im_end|>".into()));
+}
+
+#[test]
+fn completion_trains_everything_and_splits_long_texts_into_sequence_len_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "word ".repeat(40);
+    write(dir.path(), "c.jsonl", &format!("{{\"body\": \"{long}\"}}\n{{\"body\": \"short\"}}\n"));
+    let mut s = settings();
+    s.sequence_len = 16;
+    let (examples, reports) = run(dir.path(), "path: {dir}/c.jsonl\ntype: completion\nfield: body", &s).unwrap();
+    assert!(examples.len() >= 3, "the long text is split");
+    assert!(examples.iter().all(|e| e.len() <= 16));
+    let joined: String = examples[..examples.len() - 1].iter().map(|e| texts(e).0).collect();
+    // A final piece holding only the EOS is shorter than min_sample_len and left out.
+    let expected = if reports[0].dropped_too_short == 1 { long.clone() } else { format!("{long}<|im_end|>") };
+    assert_eq!(joined, expected);
+    assert_eq!(texts(examples.last().unwrap()).0, "short<|im_end|>");
+    for e in &examples {
+        let (full, trained) = texts(e);
+        assert_eq!(full, trained);
+    }
+}
+
+#[test]
+fn input_output_trains_exactly_the_labelled_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "io.jsonl",
+        r#"{"segments": [{"text": "<|im_start|>Hello\n", "label": false}, {"text": "hi there.<|im_end|>", "label": true}, {"text": " goodbye ", "label": false}, {"text": "farewell<|im_end|>", "label": true}]}"#,
+    );
+    let (examples, _) = run(dir.path(), "path: {dir}/io.jsonl\ntype: input_output", &settings()).unwrap();
+    let (full, trained) = texts(&examples[0]);
+    assert_eq!(full, "<|im_start|>Hello\nhi there.<|im_end|> goodbye farewell<|im_end|>");
+    // The text is tokenized as a whole: the token " f" overlaps the trained segment, so it is
+    // trained (the model must emit it to produce "farewell").
+    assert_eq!(trained, "hi there.<|im_end|> farewell<|im_end|>");
+}
+
+#[test]
+fn pre_tokenized_rows_pass_through() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "t.jsonl", "{\"input_ids\": [271, 299, 99], \"attention_mask\": [1, 1, 1], \"labels\": [271, -100, 99]}\n");
+    let (examples, _) = run(dir.path(), "path: {dir}/t.jsonl", &settings()).unwrap();
+    assert_eq!(examples[0].input_ids, vec![271, 299, 99]);
+    assert_eq!(examples[0].labels, vec![271, -100, 99]);
+}
+
+#[test]
+fn chat_template_trains_assistant_content_and_its_end_of_turn_only() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "chat.jsonl",
+        r#"{"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "See you."}]}"#,
+    );
+    let yaml = "path: {dir}/chat.jsonl\ntype: chat_template\nfield_messages: conversations\nmessage_property_mappings:\n  role: from\n  content: value\n";
+    let (examples, _) = run(dir.path(), yaml, &settings()).unwrap();
+    let (full, trained) = texts(&examples[0]);
+    assert_eq!(full, "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nSee you.<|im_end|>\n");
+    assert_eq!(trained, "Hello!<|im_end|>See you.<|im_end|>");
+
+    let last = format!("{yaml}train_on_eos: last\n");
+    let (examples, _) = run(dir.path(), &last, &settings()).unwrap();
+    assert_eq!(texts(&examples[0]).1, "Hello!See you.<|im_end|>");
+    let none = format!("{yaml}train_on_eos: none\nroles_to_train: [user]\n");
+    let (examples, _) = run(dir.path(), &none, &settings()).unwrap();
+    assert_eq!(texts(&examples[0]).1, "HiBye");
+    let dropped = format!("{yaml}drop_system_message: true\n");
+    let (examples, _) = run(dir.path(), &dropped, &settings()).unwrap();
+    assert!(texts(&examples[0]).0.starts_with("<|im_start|>user\nHi"));
+}
+
+#[test]
+fn chat_template_honours_per_message_training_flags_and_details() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "chat.jsonl",
+        r#"{"messages": [{"role": "user", "content": "Hi", "train": true}, {"role": "assistant", "content": "Hello there!", "train": false}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "Fine thanks", "detail": [{"begin_offset": 0, "end_offset": 4, "train": true}, {"begin_offset": 5, "end_offset": 10, "train": false}]}]}"#,
+    );
+    let yaml = "path: {dir}/chat.jsonl\ntype: chat_template\nmessage_field_training: train\nmessage_field_training_detail: detail\ntrain_on_eos: none\n";
+    let (examples, _) = run(dir.path(), yaml, &settings()).unwrap();
+    // " thanks" straddles the trained and untrained pieces: only whole tokens of a detail train.
+    assert_eq!(texts(&examples[0]).1, "HiFine");
+}
+
+#[test]
+fn long_examples_are_dropped_truncated_or_raised_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.jsonl", ALPACA_ROWS);
+    let (all, _) = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &settings()).unwrap();
+    let (short, long) = (all[0].len(), all[1].len());
+    assert!(short < long);
+    let mut s = settings();
+    s.sequence_len = 30;
+    let err = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s).unwrap_err().to_string();
+    assert!(err.contains("no training example is left") && err.contains("2 rows, 2 too long"), "{err}");
+    s.sequence_len = short;
+    let (examples, reports) = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s).unwrap();
+    assert_eq!((examples.len(), reports[0].dropped_too_long), (1, 1));
+    s.sequence_len = 30;
+    s.excess_length = ExcessLength::Truncate;
+    let (examples, reports) = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s).unwrap();
+    assert_eq!(reports[0].truncated, 2);
+    assert!(examples.iter().all(|e| e.len() == 30));
+    s.excess_length = ExcessLength::Raise;
+    let err = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s).unwrap_err().to_string();
+    assert!(err.contains("a.jsonl line 1") && err.contains("exceeds sequence_len 30"), "{err}");
+}
+
+#[test]
+fn sources_json_csv_parquet_directories_globs_and_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "rows.json", r#"[{"text": "one"}, {"text": "two"}, {"text": "three"}]"#);
+    write(dir.path(), "cols.json", r#"{"text": ["four", "five"]}"#);
+    write(dir.path(), "rows.csv", "text,other\nsix,x\n\"se,ven\",y\n");
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    write(&dir.path().join("sub"), "a.jsonl", "{\"text\": \"eight\"}\n");
+    let count = |yaml: &str| run(dir.path(), yaml, &settings()).unwrap().0.len();
+    assert_eq!(count("path: {dir}/rows.json\ntype: completion"), 3);
+    assert_eq!(count("path: {dir}/cols.json\ntype: completion"), 2);
+    assert_eq!(count("path: {dir}/rows.csv\ntype: completion"), 2);
+    assert_eq!(count("path: {dir}/sub\ntype: completion"), 1);
+    assert_eq!(count("path: \"{dir}/*.json\"\ntype: completion"), 5);
+    assert_eq!(count("path: {dir}/rows.json\ntype: completion\nshards: 2\nshards_idx: 1"), 1);
+    let (examples, _) = run(dir.path(), "path: {dir}/rows.csv\ntype: completion", &settings()).unwrap();
+    assert_eq!(texts(&examples[1]).0, "se,ven<|im_end|>");
+}
