@@ -2,6 +2,7 @@
 
 mod inference;
 mod merge_lora;
+mod preprocess;
 
 use std::path::PathBuf;
 
@@ -23,6 +24,8 @@ pub enum Command {
     MergeLora(MergeLoraArgs),
     /// Generate text from a prompt read on standard input, streamed as it is produced.
     Inference(InferenceArgs),
+    /// Tokenize the datasets into the prepared-dataset cache (reused when nothing changed).
+    Preprocess(PreprocessArgs),
 }
 
 /// Which model to use, replacing the configuration's keys.
@@ -44,6 +47,25 @@ pub struct MergeLoraArgs {
     /// Model selection.
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// Arguments of `axl preprocess`.
+#[derive(Debug, Args)]
+pub struct PreprocessArgs {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Model selection (for its tokenizer).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Show examples token by token, trained and masked tokens told apart.
+    #[arg(long)]
+    pub debug: bool,
+    /// How many examples `--debug` shows.
+    #[arg(long = "debug-num-examples", alias = "debug_num_examples", default_value_t = 1)]
+    pub debug_num_examples: usize,
+    /// With `--debug`: one JSON object per example (`text`, `input_ids`, `labels`).
+    #[arg(long, requires = "debug")]
+    pub json: bool,
 }
 
 /// Arguments of `axl inference`.
@@ -87,6 +109,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::MergeLora(args) => merge_lora::run(args),
         Command::Inference(args) => inference::run(args),
+        Command::Preprocess(args) => preprocess::run(args),
     }
 }
 

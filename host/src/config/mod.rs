@@ -406,11 +406,8 @@ impl LoadedConfig {
             Some(rest) => std::env::var("HOME").map(|h| PathBuf::from(h).join(rest)).unwrap_or_else(|_| PathBuf::from(p)),
             None => PathBuf::from(p),
         };
-        if expanded.is_absolute() {
-            expanded
-        } else {
-            self.base_dir.join(expanded)
-        }
+        let joined = if expanded.is_absolute() { expanded } else { self.base_dir.join(expanded) };
+        joined.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
     }
 
     /// `output_dir`, resolved.

@@ -15,3 +15,55 @@ pub mod chat;
 pub mod hub;
 pub mod pipeline;
 pub mod strategy;
+pub mod cache;
+
+use std::path::PathBuf;
+
+use crate::config::LoadedConfig;
+use crate::model::resolve::HubSettings;
+use crate::model::tokenizer::ModelTokenizer;
+
+/// Where a prepared dataset came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheStatus {
+    /// The cache directory of this exact input.
+    pub dir: PathBuf,
+    /// Whether it was reused rather than built.
+    pub reused: bool,
+}
+
+/// The default of `dataset_prepared_path`, as in Axolotl.
+pub const DEFAULT_PREPARED_PATH: &str = "last_run_prepared";
+
+/// Prepares the training datasets of a configuration, reusing the cache when nothing that
+/// shapes the result has changed.
+pub fn prepare_cached(
+    cfg: &LoadedConfig,
+    tokenizer: &ModelTokenizer,
+    hub: &HubSettings,
+) -> error::Result<(cache::Prepared, CacheStatus)> {
+    let datasets = cfg
+        .config
+        .datasets
+        .as_deref()
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| DataError::msg("no datasets: the configuration needs a `datasets:` list").field("datasets"))?;
+    let settings = pipeline::DataSettings::from_config(&cfg.config);
+    let mut key = cache::CacheKey::new(&settings, datasets);
+    for (i, ds) in datasets.iter().enumerate() {
+        let (files, _) = pipeline::dataset_files(ds, &cfg.base_dir, hub).map_err(|e| e.in_dataset(pipeline::dataset_label(i, ds)))?;
+        for file in files {
+            key.add_file(&file)?;
+        }
+    }
+    key.add_tokenizer(&tokenizer.dir)?;
+    let root = cfg.resolve_path(cfg.config.dataset_prepared_path.as_deref().unwrap_or(DEFAULT_PREPARED_PATH));
+    let dir = root.join(key.finish());
+    if let Some(prepared) = cache::load(&dir)? {
+        return Ok((prepared, CacheStatus { dir, reused: true }));
+    }
+    let (examples, reports) = pipeline::prepare(datasets, &settings, tokenizer, hub, &cfg.base_dir)?;
+    let prepared = cache::Prepared { examples, reports };
+    cache::store(&dir, &prepared)?;
+    Ok((prepared, CacheStatus { dir, reused: false }))
+}

@@ -231,3 +231,105 @@ fn sources_json_csv_parquet_directories_globs_and_shards() {
     let (examples, _) = run(dir.path(), "path: {dir}/rows.csv\ntype: completion", &settings()).unwrap();
     assert_eq!(texts(&examples[1]).0, "se,ven<|im_end|>");
 }
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("config.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "base_model: {}\ndatasets:\n  - path: {}/a.jsonl\n    type: alpaca\ndataset_prepared_path: {}/prepared\n{extra}",
+            fixture("llama").display(),
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn cache_is_reused_unchanged_and_rebuilt_when_one_row_of_a_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.jsonl", ALPACA_ROWS);
+    let cfg = axl::config::LoadedConfig::load(&write_config(dir.path(), "")).unwrap();
+    let tok = tokenizer();
+    let hub = offline();
+    let (first, status) = axl::data::prepare_cached(&cfg, &tok, &hub).unwrap();
+    assert!(!status.reused);
+    let (again, status_again) = axl::data::prepare_cached(&cfg, &tok, &hub).unwrap();
+    assert!(status_again.reused && status_again.dir == status.dir);
+    assert_eq!(again, first);
+
+    write(dir.path(), "a.jsonl", &ALPACA_ROWS.replace("\"Hi!\"", "\"Hello!\""));
+    let (edited, status_edited) = axl::data::prepare_cached(&cfg, &tok, &hub).unwrap();
+    assert!(!status_edited.reused && status_edited.dir != status.dir, "editing one row must invalidate the cache");
+    assert_eq!(texts(&edited.examples[0]).1, "Hello!<|im_end|>");
+
+    let other = axl::config::LoadedConfig::load(&write_config(dir.path(), "train_on_inputs: true\n")).unwrap();
+    let (_, status_other) = axl::data::prepare_cached(&other, &tok, &hub).unwrap();
+    assert_ne!(status_other.dir, status_edited.dir, "a setting that shapes the result changes the key");
+}
+
+#[test]
+fn preprocess_debug_marks_masked_tokens_and_json_gives_ids_and_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.jsonl", ALPACA_ROWS);
+    let config = write_config(dir.path(), "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["preprocess", config.to_str().unwrap(), "--debug"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("[Bel](-100, ") && stdout.contains("<|im_end|>(2, 2)"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 rows -> 2 examples"));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["preprocess", config.to_str().unwrap(), "--debug", "--json", "--debug-num-examples", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["text"].as_str().unwrap().ends_with("### Response:\nHi!<|im_end|>"));
+    assert_eq!(lines[0]["input_ids"].as_array().unwrap().len(), lines[0]["labels"].as_array().unwrap().len());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reused the prepared dataset"));
+}
+
+#[test]
+fn bad_rows_are_named_by_dataset_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "bad.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\", \"output\": \"b\"\n");
+    let err = run(dir.path(), "path: {dir}/bad.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
+    assert!(err.starts_with("datasets[0]") && err.contains("bad.jsonl line 2: malformed JSON"), "{err}");
+
+    write(dir.path(), "missing.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"output\": \"b\"}\n");
+    let err = run(dir.path(), "path: {dir}/missing.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
+    assert!(err.contains("missing.jsonl line 2: field `instruction`: missing"), "{err}");
+
+    write(dir.path(), "roles.jsonl", r#"{"messages": [{"role": "human", "content": "hi"}, {"role": "robot", "content": "beep"}]}"#);
+    let err = run(dir.path(), "path: {dir}/roles.jsonl\ntype: chat_template\nchat_template: chatml", &settings()).unwrap_err().to_string();
+    assert!(err.contains("roles.jsonl line 1: field `messages[1].role`: role `robot` is not in the roles mapping"), "{err}");
+
+    write(dir.path(), "chat.jsonl", r#"{"messages": [{"role": "user", "content": "hi"}]}"#);
+    let raising = "path: {dir}/chat.jsonl\ntype: chat_template\nchat_template: jinja\nchat_template_jinja: \"{{ raise_exception('roles must alternate') }}\"";
+    let err = run(dir.path(), raising, &settings()).unwrap_err().to_string();
+    assert!(err.contains("chat.jsonl line 1") && err.contains("roles must alternate"), "{err}");
+
+    write(dir.path(), "empty.jsonl", "");
+    let err = run(dir.path(), "path: {dir}/empty.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
+    assert!(err.contains("no training example is left"), "{err}");
+
+    let err = run(dir.path(), "path: {dir}/nope.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
+    assert!(err.contains("nope.jsonl: no such file or directory"), "{err}");
+    let err = run(dir.path(), "path: {dir}/chat.jsonl\ntype: alpaca_chat:load_qa", &settings()).unwrap_err().to_string();
+    assert!(err.contains("did you mean `alpaca_chat.load_qa`?"), "{err}");
+}
+
+#[test]
+fn unknown_dataset_keys_name_the_nearest_one_with_its_line() {
+    let text = "base_model: x\ndatasets:\n  - path: a.jsonl\n    type: alpaca\n  - path: b.jsonl\n    feild_messages: conversations\n";
+    let err = axl::config::LoadedConfig::from_str(text, Path::new("c.yml")).unwrap_err().to_string();
+    assert!(err.contains("line 6: datasets[1].feild_messages: unknown dataset key; did you mean `field_messages`?"), "{err}");
+}
