@@ -44,6 +44,17 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
             status.dir.display()
         );
     }
+    if cfg.config.sample_packing {
+        let capacity = cfg.config.micro_batch_size.max(1) * cfg.config.sequence_len;
+        let lengths: Vec<usize> = prepared.examples.iter().map(|e| e.len()).collect();
+        let bins = crate::data::packing::pack_first_fit_decreasing(&lengths, capacity);
+        eprintln!(
+            "sample packing: {} examples into {} bins of {capacity} tokens, efficiency {:.1} %",
+            lengths.len(),
+            bins.len(),
+            100.0 * crate::data::packing::packing_efficiency(&lengths, &bins, capacity)
+        );
+    }
     if args.debug {
         let shown = &prepared.examples[..args.debug_num_examples.min(prepared.examples.len())];
         let mut out = std::io::stdout().lock();

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod pipeline;
 pub mod strategy;
 pub mod cache;
+pub mod packing;
 
 use std::path::PathBuf;
 

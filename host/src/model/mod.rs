@@ -21,4 +21,4 @@ pub mod transformer;
 pub use error::{ModelError, Result};
 pub use hf_config::{Architecture, ModelConfig};
 pub use layers::Param;
-pub use transformer::{CausalLm, KvCache, LoadOptions};
+pub use transformer::{CausalLm, KvCache, LoadOptions, PackedLayout};

@@ -109,6 +109,33 @@ impl Rotary {
     }
 }
 
+impl Rotary {
+    /// `(cos, sin)` of shape `[batch, 1, len, head_dim]` for explicit positions per row.
+    pub fn tables_for_positions(&self, positions: &[Vec<usize>], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let dim = self.inv_freq.len() * 2;
+        let batch = positions.len();
+        let len = positions.first().map_or(0, Vec::len);
+        let mut cos = Vec::with_capacity(batch * len * dim);
+        let mut sin = Vec::with_capacity(batch * len * dim);
+        for row in positions {
+            for &p in row {
+                let position = p as f32;
+                for _ in 0..2 {
+                    for &f in &self.inv_freq {
+                        let angle = position * f;
+                        cos.push(angle.cos());
+                        sin.push(angle.sin());
+                    }
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (batch, 1, len, dim), device)?,
+            Tensor::from_vec(sin, (batch, 1, len, dim), device)?,
+        ))
+    }
+}
+
 /// Applies rotary embeddings to `x` of shape `[batch, heads, len, head_dim]` with tables of
 /// shape `[len, head_dim]`, in transformers' rotate-half convention.
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
@@ -144,6 +171,36 @@ pub fn attention_mask(
         all.extend_from_slice(&one);
     }
     Tensor::from_vec(all, (rows * repeat, kv_len), device)
+}
+
+/// The additive mask of packed rows, shape `[batch, 1, len * repeat, len]`: a token attends
+/// only to earlier tokens of its own sequence (and, with `window`, only to the last `window`
+/// positions of it).
+pub fn packed_attention_mask(
+    position_ids: &[Vec<usize>],
+    sequence_ids: &[Vec<usize>],
+    window: Option<usize>,
+    repeat: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let batch = position_ids.len();
+    let len = position_ids.first().map_or(0, Vec::len);
+    let mut all = Vec::with_capacity(batch * repeat * len * len);
+    for (positions, sequences) in position_ids.iter().zip(sequence_ids) {
+        let mut one = Vec::with_capacity(len * len);
+        for q in 0..len {
+            for k in 0..len {
+                let visible = k <= q
+                    && sequences[k] == sequences[q]
+                    && window.is_none_or(|w| positions[q] - positions[k] < w);
+                one.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        for _ in 0..repeat {
+            all.extend_from_slice(&one);
+        }
+    }
+    Tensor::from_vec(all, (batch, 1, repeat * len, len), device)
 }
 
 /// The label value that marks a position as not trained.

@@ -135,6 +135,33 @@ impl KvCache {
     }
 }
 
+/// Where packed sequences lie in each row of a batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackedLayout {
+    /// Position of each token within its own sequence, per row.
+    pub position_ids: Vec<Vec<usize>>,
+    /// Which sequence of its row each token belongs to, per row.
+    pub sequence_ids: Vec<Vec<usize>>,
+}
+
+impl PackedLayout {
+    /// The layout of rows made of sequences of the given lengths (padding is a sequence too).
+    pub fn from_lengths(rows: &[Vec<usize>]) -> Self {
+        let mut layout = Self::default();
+        for lengths in rows {
+            let mut positions = Vec::new();
+            let mut ids = Vec::new();
+            for (sequence, &n) in lengths.iter().enumerate() {
+                positions.extend(0..n);
+                ids.extend(std::iter::repeat_n(sequence, n));
+            }
+            layout.position_ids.push(positions);
+            layout.sequence_ids.push(ids);
+        }
+        layout
+    }
+}
+
 /// What attention needs to know about the positions of one forward pass: rotary tables and
 /// the additive mask of the layer's attention kind.
 #[derive(Clone, Copy)]
@@ -316,13 +343,43 @@ impl CausalLm {
                 c.layers = vec![None; self.layers.len()];
             }
         }
+        let (cos, sin) = self.rotary.tables(past, len, &self.device)?;
+        let groups = self.config.gqa_groups();
+        let mask_for = |window| ops::attention_mask(len, past, past + len, window, groups, &self.device);
+        let hidden = self.run_layers(input_ids, &cos, &sin, &mask_for, cache.as_deref_mut().map(|c| (c, past)))?;
+        if let Some(c) = cache {
+            c.len = past + len;
+        }
+        Ok(hidden)
+    }
+
+    /// Final hidden states for rows that each hold several packed sequences: positions restart
+    /// at every sequence and no token attends across sequences, so each sequence is computed
+    /// exactly as if it were alone.
+    pub fn hidden_states_packed(&self, input_ids: &Tensor, layout: &PackedLayout) -> Result<Tensor> {
+        let (batch, len) = input_ids.dims2()?;
+        if layout.position_ids.len() != batch || layout.position_ids.iter().any(|p| p.len() != len) {
+            return Err(ModelError::Invalid(format!("packed layout does not match input of shape [{batch}, {len}]")));
+        }
+        let (cos, sin) = self.rotary.tables_for_positions(&layout.position_ids, &self.device)?;
+        let groups = self.config.gqa_groups();
+        let mask_for = |window| ops::packed_attention_mask(&layout.position_ids, &layout.sequence_ids, window, groups, &self.device);
+        self.run_layers(input_ids, &cos, &sin, &mask_for, None)
+    }
+
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask_for: &dyn Fn(Option<usize>) -> candle_core::Result<Tensor>,
+        mut cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(input_ids)?;
         if self.config.gemma_norms {
             let normalizer = (self.config.hidden_size as f64).sqrt() as f32;
             x = (x * normalizer as f64)?;
         }
-        let (cos, sin) = self.rotary.tables(past, len, &self.device)?;
-        let groups = self.config.gqa_groups();
         let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let kind = layer.self_attn.kind;
@@ -333,16 +390,13 @@ impl CausalLm {
                         LayerAttention::Full => None,
                         LayerAttention::Sliding { window } => Some(window),
                     };
-                    let m = ops::attention_mask(len, past, past + len, window, groups, &self.device)?;
+                    let m = mask_for(window)?;
                     masks.push((kind, m.clone()));
                     m
                 }
             };
-            let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-            x = self.layer_forward(layer, &x, &Positions { cos: &cos, sin: &sin, mask: &mask }, layer_cache)?;
-        }
-        if let Some(c) = cache {
-            c.len = past + len;
+            let layer_cache = cache.as_mut().map(|(c, past)| (&mut c.layers[i], *past));
+            x = self.layer_forward(layer, &x, &Positions { cos, sin, mask: &mask }, layer_cache)?;
         }
         Ok(self.norm.forward(&x)?)
     }

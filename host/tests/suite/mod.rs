@@ -10,3 +10,4 @@ mod cli;
 mod hub_download;
 mod tokenizer;
 mod data;
+mod packing;
