@@ -95,10 +95,32 @@ impl ChatTemplate {
 
 /// The chat templates built into axl, by the name the configuration uses. Each is written
 /// for the conversation format its model family defines (`host/templates/NAME.jinja`).
-pub const BUILTINS: &[(&str, &str)] = &[("chatml", include_str!("../templates/chatml.jinja"))];
+pub const BUILTINS: &[(&str, &str)] = &[
+    ("alpaca", include_str!("../templates/alpaca.jinja")),
+    ("chatml", include_str!("../templates/chatml.jinja")),
+    ("cohere", include_str!("../templates/cohere.jinja")),
+    ("deepseek_v2", include_str!("../templates/deepseek_v2.jinja")),
+    ("deepseek_v3", include_str!("../templates/deepseek_v3.jinja")),
+    ("gemma", include_str!("../templates/gemma.jinja")),
+    ("gemma3", include_str!("../templates/gemma3.jinja")),
+    ("jamba", include_str!("../templates/jamba.jinja")),
+    ("llama3", include_str!("../templates/llama3.jinja")),
+    ("llama3_2_vision", include_str!("../templates/llama3_2_vision.jinja")),
+    ("llama4", include_str!("../templates/llama4.jinja")),
+    ("metharme", include_str!("../templates/metharme.jinja")),
+    ("mistral_v1", include_str!("../templates/mistral_v1.jinja")),
+    ("mistral_v2v3", include_str!("../templates/mistral_v2v3.jinja")),
+    ("mistral_v3_tekken", include_str!("../templates/mistral_v3_tekken.jinja")),
+    ("mistral_v7_tekken", include_str!("../templates/mistral_v7_tekken.jinja")),
+    ("nemotron_h", include_str!("../templates/nemotron_h.jinja")),
+    ("phi_3", include_str!("../templates/phi_3.jinja")),
+    ("phi_35", include_str!("../templates/phi_35.jinja")),
+    ("qwen3", include_str!("../templates/qwen3.jinja")),
+    ("qwen_25", include_str!("../templates/qwen_25.jinja")),
+];
 
 /// The names of the built-in templates.
-pub const BUILTIN_NAMES: &[&str] = &["chatml"];
+pub const BUILTIN_NAMES: &[&str] = &["alpaca", "chatml", "cohere", "deepseek_v2", "deepseek_v3", "gemma", "gemma3", "jamba", "llama3", "llama3_2_vision", "llama4", "metharme", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "nemotron_h", "phi_3", "phi_35", "qwen3", "qwen_25"];
 
 /// A built-in template by name.
 pub fn builtin(name: &str) -> Option<&'static str> {
@@ -115,17 +137,29 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String, TemplateError> {
+        self.render_with(messages, tools, add_generation_prompt, special, &serde_json::Map::new())
+    }
+
+    /// Renders with extra template variables (`chat_template_kwargs`, e.g. `enable_thinking`
+    /// or `date_string`), which take precedence over nothing but are overridden by nothing.
+    pub fn render_with(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        special: &SpecialTokens,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template("chat")?;
-        let ctx = minijinja::context! {
-            messages => messages,
-            tools => tools,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => special.bos_token.clone().unwrap_or_default(),
-            eos_token => special.eos_token.clone().unwrap_or_default(),
-            pad_token => special.pad_token.clone(),
-            unk_token => special.unk_token.clone(),
-        };
-        Ok(template.render(ctx)?)
+        let mut ctx = extra.clone();
+        ctx.insert("messages".into(), serde_json::Value::Array(messages.to_vec()));
+        ctx.insert("tools".into(), tools.cloned().unwrap_or(serde_json::Value::Null));
+        ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        ctx.insert("bos_token".into(), special.bos_token.clone().unwrap_or_default().into());
+        ctx.insert("eos_token".into(), special.eos_token.clone().unwrap_or_default().into());
+        ctx.insert("pad_token".into(), special.pad_token.clone().map_or(serde_json::Value::Null, Into::into));
+        ctx.insert("unk_token".into(), special.unk_token.clone().map_or(serde_json::Value::Null, Into::into));
+        Ok(template.render(JValue::from_serialize(&ctx))?)
     }
 }
 

@@ -9,5 +9,6 @@ mod bad_input;
 mod cli;
 mod hub_download;
 mod tokenizer;
-mod data;
+pub mod data;
 mod packing;
+mod chat_templates;
