@@ -80,16 +80,9 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String, TemplateError> {
-        let template = self.env.get_template("chat")?;
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => special.bos_token.clone().unwrap_or_default(),
-            eos_token => special.eos_token.clone().unwrap_or_default(),
-            pad_token => special.pad_token.clone(),
-            unk_token => special.unk_token.clone(),
-        };
-        Ok(template.render(ctx)?)
+        let values: Vec<serde_json::Value> =
+            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        self.render_values(&values, None, add_generation_prompt, special)
     }
 }
 

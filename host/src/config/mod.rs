@@ -150,6 +150,10 @@ pub struct AxlConfig {
     pub micro_batch_size: usize,
     /// Threads for preprocessing.
     pub dataset_processes: Option<usize>,
+    /// Tokens that end a turn in the chat template (the tokenizer's EOS by default).
+    pub eot_tokens: Option<Vec<String>>,
+    /// Extra variables for every chat template rendering (e.g. `enable_thinking: false`).
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// Random seed.
     pub seed: Option<u64>,
     /// Special tokens to set.
@@ -195,6 +199,8 @@ impl Default for AxlConfig {
             pad_to_sequence_len: None,
             micro_batch_size: 1,
             dataset_processes: None,
+            eot_tokens: None,
+            chat_template_kwargs: None,
             seed: None,
             special_tokens: None,
         }
@@ -239,6 +245,8 @@ pub const AXL_KEYS: &[&str] = &[
     "pad_to_sequence_len",
     "micro_batch_size",
     "dataset_processes",
+    "eot_tokens",
+    "chat_template_kwargs",
     "seed",
     "special_tokens",
 ];

@@ -48,6 +48,8 @@ pub struct ChatStrategy {
     template_thinking_key: String,
     eos: Option<String>,
     eot: Vec<String>,
+    split_thinking: bool,
+    kwargs: Map<String, Value>,
 }
 
 impl std::fmt::Debug for ChatStrategy {
@@ -59,6 +61,9 @@ impl std::fmt::Debug for ChatStrategy {
 /// The source of the chat template a dataset uses: the dataset's `chat_template`, else the
 /// top-level one, else the tokenizer's.
 pub fn template_source(ds_template: Option<&str>, ds_jinja: Option<&str>, ctx: &StrategyContext) -> Result<String> {
+    // A dataset-level `tokenizer_default` means the tokenizer's template as the top level set
+    // it: the top-level chat_template, when there is one.
+    let ds_template = ds_template.filter(|t| !(*t == "tokenizer_default" && ctx.chat_template.is_some()));
     let (name, jinja) = match ds_template.or(if ds_jinja.is_some() { Some("jinja") } else { None }) {
         Some(n) => (n, ds_jinja.or(ctx.chat_template_jinja)),
         None => match ctx.chat_template {
@@ -145,10 +150,19 @@ impl ChatStrategy {
         }
         let train_on_eos = ds.train_on_eos.unwrap_or(TrainOnEnd::Turn);
         let eos = special.eos_token.clone();
-        let eot = match &ds.eot_tokens {
-            Some(t) => t.clone(),
+        let eot: Vec<String> = match ds.eot_tokens.as_deref().or(ctx.eot_tokens) {
+            Some(t) => t.to_vec(),
             None => eos.iter().cloned().collect(),
         };
+        let train_on_eot = ds.train_on_eot.unwrap_or(train_on_eos);
+        if let Some(e) = &eos {
+            if eot.contains(e) && eot.len() > 1 && train_on_eot != train_on_eos {
+                return Err(DataError::msg(format!(
+                    "eot_tokens contains the EOS token `{e}`, so train_on_eos ({train_on_eos:?}) and train_on_eot ({train_on_eot:?}) conflict; make them equal"
+                ))
+                .field("train_on_eot"));
+            }
+        }
         Ok(Self {
             template,
             special,
@@ -157,7 +171,7 @@ impl ChatStrategy {
             roles,
             roles_to_train: ds.roles_to_train.clone().unwrap_or_else(|| vec!["assistant".into()]),
             train_on_eos,
-            train_on_eot: ds.train_on_eot.unwrap_or(train_on_eos),
+            train_on_eot,
             train_on_inputs: ctx.train_on_inputs,
             message_field_training: ds.message_field_training.clone(),
             message_field_training_detail: ds.message_field_training_detail.clone(),
@@ -167,6 +181,8 @@ impl ChatStrategy {
             template_thinking_key: ds.template_thinking_key.clone().unwrap_or_else(|| "reasoning_content".into()),
             eos,
             eot,
+            split_thinking: ds.split_thinking.unwrap_or(false),
+            kwargs: ctx.chat_template_kwargs.clone(),
         })
     }
 
@@ -227,6 +243,14 @@ impl ChatStrategy {
                 )
             })?;
             target.insert("role".into(), Value::String(mapped_role.clone()));
+            if self.split_thinking && mapped_role == "assistant" {
+                if let Some(Value::String(content)) = target.get("content") {
+                    if let Some((reasoning, answer)) = split_thinking(content) {
+                        target.insert("content".into(), Value::String(answer));
+                        target.insert(self.template_thinking_key.clone(), Value::String(reasoning));
+                    }
+                }
+            }
             if self.drop_system_message && mapped_role == "system" {
                 continue;
             }
@@ -253,7 +277,7 @@ impl ChatStrategy {
 
     fn render(&self, messages: &[Map<String, Value>], tools: Option<&Value>) -> std::result::Result<String, String> {
         let list: Vec<Value> = messages.iter().map(|m| Value::Object(m.clone())).collect();
-        self.template.render_values(&list, tools, false, &self.special).map_err(|e| e.to_string())
+        self.template.render_with(&list, tools, false, &self.special, &self.kwargs).map_err(|e| e.to_string())
     }
 
     /// Formats one conversation.
@@ -374,6 +398,29 @@ impl ChatStrategy {
         }
         out
     }
+}
+
+/// Splits `<think>…</think>` (or `<reasoning>…</reasoning>`, `<|begin_of_thought|>…<|end_of_thought|>`)
+/// out of assistant content: `(reasoning, answer)`, as Axolotl's `split_thinking` does.
+fn split_thinking(content: &str) -> Option<(String, String)> {
+    let pairs = [("<think>", "</think>"), ("<reasoning>", "</reasoning>"), ("<|begin_of_thought|>", "<|end_of_thought|>")];
+    for (open, close) in pairs {
+        if let (Some(start), Some(end)) = (content.find(open), content.find(close)) {
+            if start + open.len() > end {
+                continue;
+            }
+            let reasoning = content[start + open.len()..end].trim().to_string();
+            let rest = content[end + close.len()..].trim_start();
+            let answer = match (rest.find("<|begin_of_solution|>"), rest.find("<|end_of_solution|>")) {
+                (Some(a), Some(b)) if a + "<|begin_of_solution|>".len() <= b => {
+                    rest[a + "<|begin_of_solution|>".len()..b].trim().to_string()
+                }
+                _ => rest.to_string(),
+            };
+            return Some((reasoning, answer));
+        }
+    }
+    None
 }
 
 /// How one message is trained.

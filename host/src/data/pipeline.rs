@@ -47,6 +47,10 @@ pub struct DataSettings {
     pub chat_template: Option<String>,
     /// The top-level `chat_template_jinja`.
     pub chat_template_jinja: Option<String>,
+    /// The top-level `eot_tokens`.
+    pub eot_tokens: Option<Vec<String>>,
+    /// The top-level `chat_template_kwargs`, as JSON text (kept as text so settings hash).
+    pub chat_template_kwargs: Option<String>,
 }
 
 impl DataSettings {
@@ -61,6 +65,8 @@ impl DataSettings {
             seed: c.seed.unwrap_or(42),
             chat_template: c.chat_template.clone(),
             chat_template_jinja: c.chat_template_jinja.clone(),
+            eot_tokens: c.eot_tokens.clone(),
+            chat_template_kwargs: c.chat_template_kwargs.as_ref().map(|m| serde_json::Value::Object(m.clone()).to_string()),
         }
     }
 }
@@ -147,6 +153,12 @@ pub fn prepare(
         train_on_inputs: settings.train_on_inputs,
         chat_template: settings.chat_template.as_deref(),
         chat_template_jinja: settings.chat_template_jinja.as_deref(),
+        eot_tokens: settings.eot_tokens.as_deref(),
+        chat_template_kwargs: settings
+            .chat_template_kwargs
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok())
+            .unwrap_or_default(),
         base_dir,
         tokenizer,
     };

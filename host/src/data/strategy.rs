@@ -11,7 +11,7 @@ use super::source::Row;
 use crate::model::tokenizer::ModelTokenizer;
 
 /// What strategies need from the rest of the configuration.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct StrategyContext<'a> {
     /// `train_on_inputs`.
     pub train_on_inputs: bool,
@@ -19,6 +19,10 @@ pub struct StrategyContext<'a> {
     pub chat_template: Option<&'a str>,
     /// The top-level `chat_template_jinja`.
     pub chat_template_jinja: Option<&'a str>,
+    /// The top-level `eot_tokens`.
+    pub eot_tokens: Option<&'a [String]>,
+    /// Extra variables for chat template renderings.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     /// Where relative template paths are resolved.
     pub base_dir: &'a std::path::Path,
     /// The tokenizer (for its chat template and special tokens).

@@ -78,6 +78,8 @@ fn trained_parts(template: &str, eot: &[&str], messages: Value) -> Vec<String> {
         train_on_inputs: false,
         chat_template: None,
         chat_template_jinja: None,
+        eot_tokens: None,
+        chat_template_kwargs: serde_json::Map::new(),
         base_dir: std::path::Path::new("."),
         tokenizer: &tokenizer,
     };

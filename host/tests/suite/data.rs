@@ -25,6 +25,8 @@ pub fn settings() -> DataSettings {
         seed: 42,
         chat_template: None,
         chat_template_jinja: None,
+        eot_tokens: None,
+        chat_template_kwargs: None,
     }
 }
 
@@ -332,4 +334,30 @@ fn unknown_dataset_keys_name_the_nearest_one_with_its_line() {
     let text = "base_model: x\ndatasets:\n  - path: a.jsonl\n    type: alpaca\n  - path: b.jsonl\n    feild_messages: conversations\n";
     let err = axl::config::LoadedConfig::from_str(text, Path::new("c.yml")).unwrap_err().to_string();
     assert!(err.contains("line 6: datasets[1].feild_messages: unknown dataset key; did you mean `field_messages`?"), "{err}");
+}
+
+#[test]
+fn split_thinking_moves_reasoning_out_of_the_content_for_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "think.jsonl",
+        r#"{"messages": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "<think>\nBecause of physics.\n</think>\nRayleigh scattering."}]}"#,
+    );
+    let yaml = "path: {dir}/think.jsonl\ntype: chat_template\nchat_template: qwen3\nsplit_thinking: true\n";
+    let (examples, _) = run(dir.path(), yaml, &settings()).unwrap();
+    let (full, trained) = texts(&examples[0]);
+    assert_eq!(full, "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n<think>\nBecause of physics.\n</think>\n\nRayleigh scattering.<|im_end|>\n");
+    assert_eq!(trained, "Rayleigh scattering.<|im_end|>");
+}
+
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "c.jsonl", r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#);
+    let mut s = settings();
+    s.chat_template_jinja = Some("{% for m in messages %}{{ greeting }}{{ m.content }}|{% endfor %}".into());
+    s.chat_template_kwargs = Some(r#"{"greeting": "> "}"#.into());
+    let (examples, _) = run(dir.path(), "path: {dir}/c.jsonl\ntype: chat_template\ntrain_on_eos: none", &s).unwrap();
+    assert_eq!(texts(&examples[0]), ("> Hi|> Yo|".into(), "Yo".into()));
 }
