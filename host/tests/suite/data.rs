@@ -30,7 +30,7 @@ pub fn settings() -> DataSettings {
     }
 }
 
-fn offline() -> HubSettings {
+pub fn offline() -> HubSettings {
     HubSettings { cache_dirs: vec![], offline: true, endpoint: None, token: None }
 }
 

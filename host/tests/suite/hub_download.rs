@@ -1,6 +1,6 @@
-//! Downloading `base_model` from a Hub: a real HTTP server on loopback serves a fixture the way
-//! the Hugging Face Hub serves files, and the model lands in the HF cache layout, loads, and is
-//! found there again offline.
+//! Downloading from a Hub: a real HTTP server on loopback serves fixtures the way the Hugging
+//! Face Hub serves files; models and datasets land in the HF cache layout, load, and are found
+//! there again offline.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -16,8 +16,8 @@ use super::common::{fixture, get, max_abs_diff, reference};
 
 const COMMIT: &str = "4f1c0ffee4f1c0ffee4f1c0ffee4f1c0ffee4f1c";
 
-/// A loopback server answering `GET /{repo}/resolve/main/{file}` with Range support, the
-/// `x-repo-commit` and `etag` headers, and 404 for files it does not have.
+/// A loopback server answering `GET` for the paths it holds, with Range support, the
+/// `x-repo-commit` and `etag` headers, and 404 for paths it does not have.
 struct HubServer {
     address: String,
     requests: Arc<Mutex<Vec<String>>>,
@@ -26,19 +26,19 @@ struct HubServer {
 }
 
 impl HubServer {
-    fn start(repo: &str, files: HashMap<String, Vec<u8>>) -> Self {
+    fn start(files: HashMap<String, Vec<u8>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (log, halt, prefix) = (requests.clone(), stop.clone(), format!("/{repo}/resolve/main/"));
+        let (log, halt) = (requests.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming().take(1000) {
                 if halt.load(Ordering::SeqCst) {
                     break;
                 }
                 if let Ok(stream) = stream {
-                    serve(stream, &prefix, &files, &log);
+                    serve(stream, &files, &log);
                 }
             }
         });
@@ -56,7 +56,7 @@ impl Drop for HubServer {
     }
 }
 
-fn serve(stream: TcpStream, prefix: &str, files: &HashMap<String, Vec<u8>>, log: &Mutex<Vec<String>>) {
+fn serve(stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Vec<String>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
@@ -78,7 +78,7 @@ fn serve(stream: TcpStream, prefix: &str, files: &HashMap<String, Vec<u8>>, log:
     let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
     log.lock().unwrap().push(path.clone());
     let mut out = stream;
-    let body = path.strip_prefix(prefix).and_then(|f| files.get(f));
+    let body = files.get(&path);
     let response = match body {
         None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
         Some(bytes) => {
@@ -109,10 +109,10 @@ fn model_is_downloaded_into_the_hf_cache_loads_and_is_reused_offline() {
     for entry in std::fs::read_dir(fixture("qwen2")).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         if name != "reference.safetensors" {
-            files.insert(name, std::fs::read(entry.path()).unwrap());
+            files.insert(format!("/org/tiny-qwen2/resolve/main/{name}"), std::fs::read(entry.path()).unwrap());
         }
     }
-    let server = HubServer::start("org/tiny-qwen2", files);
+    let server = HubServer::start(files);
     let cache = tempfile::tempdir().unwrap();
     let online = HubSettings {
         cache_dirs: vec![cache.path().to_path_buf()],
@@ -135,4 +135,38 @@ fn model_is_downloaded_into_the_hf_cache_loads_and_is_reused_offline() {
     drop(server);
     let offline = HubSettings { offline: true, endpoint: None, ..online };
     assert_eq!(resolve_model("org/tiny-qwen2", &offline).unwrap(), expected);
+}
+
+#[test]
+fn dataset_is_downloaded_into_the_hf_cache_and_prepared_then_reused_offline() {
+    let rows = "{\"instruction\": \"Say hi.\", \"input\": \"\", \"output\": \"Hi!\"}\n";
+    let info = serde_json::json!({
+        "id": "org/tiny-alpaca",
+        "sha": COMMIT,
+        "siblings": [{"rfilename": "README.md"}, {"rfilename": "data/train-00000-of-00001.jsonl"}, {"rfilename": "data/test-00000-of-00001.jsonl"}],
+    });
+    let files = HashMap::from([
+        ("/api/datasets/org/tiny-alpaca/revision/main".to_string(), info.to_string().into_bytes()),
+        ("/datasets/org/tiny-alpaca/resolve/main/data/train-00000-of-00001.jsonl".to_string(), rows.as_bytes().to_vec()),
+        ("/datasets/org/tiny-alpaca/resolve/main/data/test-00000-of-00001.jsonl".to_string(), b"not json\n".to_vec()),
+    ]);
+    let server = HubServer::start(files);
+    let cache = tempfile::tempdir().unwrap();
+    let online = HubSettings { cache_dirs: vec![cache.path().to_path_buf()], offline: false, endpoint: Some(server.address.clone()), token: None };
+    let ds: axl::data::config::DatasetConfig = serde_yaml::from_str("path: org/tiny-alpaca\ntype: alpaca").unwrap();
+    let settings = super::data::settings();
+    let tokenizer = super::data::tokenizer();
+    let (examples, _) = axl::data::pipeline::prepare(std::slice::from_ref(&ds), &settings, &tokenizer, &online, cache.path()).unwrap();
+    assert_eq!(super::data::texts(&examples[0]).1, "Hi!<|im_end|>");
+    let requested = server.requests.lock().unwrap().clone();
+    assert!(!requested.iter().any(|p| p.contains("test-0000")), "only the train split is fetched: {requested:?}");
+    assert!(cache.path().join(format!("datasets--org--tiny-alpaca/snapshots/{COMMIT}/data/train-00000-of-00001.jsonl")).is_file());
+
+    drop(server);
+    let offline = HubSettings { offline: true, endpoint: None, ..online };
+    let (again, _) = axl::data::pipeline::prepare(&[ds], &settings, &tokenizer, &offline, cache.path()).unwrap();
+    assert_eq!(again, examples);
+    let missing: axl::data::config::DatasetConfig = serde_yaml::from_str("path: org/absent\ntype: alpaca").unwrap();
+    let err = axl::data::pipeline::prepare(&[missing], &settings, &tokenizer, &offline, cache.path()).unwrap_err().to_string();
+    assert!(err.contains("dataset `org/absent` not found locally") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
