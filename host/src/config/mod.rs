@@ -130,6 +130,10 @@ pub struct AxlConfig {
     pub datasets: Option<Vec<DatasetConfig>>,
     /// Evaluation datasets.
     pub test_datasets: Option<Vec<DatasetConfig>>,
+    /// A dataset streamed and tokenized on the fly while training (needs `max_steps`).
+    pub pretraining_dataset: Option<Vec<DatasetConfig>>,
+    /// Stop training after this many optimizer steps.
+    pub max_steps: Option<usize>,
     /// Where prepared datasets are cached.
     pub dataset_prepared_path: Option<String>,
     /// Train on prompts too.
@@ -189,6 +193,8 @@ impl Default for AxlConfig {
             chat_template_jinja: None,
             datasets: None,
             test_datasets: None,
+            pretraining_dataset: None,
+            max_steps: None,
             dataset_prepared_path: None,
             train_on_inputs: false,
             excess_length_strategy: None,
@@ -235,6 +241,8 @@ pub const AXL_KEYS: &[&str] = &[
     "chat_template_jinja",
     "datasets",
     "test_datasets",
+    "pretraining_dataset",
+    "max_steps",
     "dataset_prepared_path",
     "train_on_inputs",
     "excess_length_strategy",
@@ -380,7 +388,7 @@ impl LoadedConfig {
                 continue;
             };
             let line = line_of(text, name);
-            if name == "datasets" || name == "test_datasets" {
+            if name == "datasets" || name == "test_datasets" || name == "pretraining_dataset" {
                 problems.extend(check_datasets(name, value, text));
                 continue;
             }
@@ -486,6 +494,9 @@ fn validate(c: &AxlConfig, text: &str) -> Vec<Problem> {
         if on == Some(true) {
             add(key, why.into());
         }
+    }
+    if c.pretraining_dataset.as_ref().is_some_and(|d| !d.is_empty()) && c.max_steps.is_none() {
+        add("max_steps", "required with pretraining_dataset: a streamed dataset has no length to derive the number of steps from".into());
     }
     if c.sequence_len == 0 {
         add("sequence_len", "must be at least 1".into());

@@ -137,6 +137,10 @@ pub struct DatasetConfig {
     pub trust_remote_code: Option<bool>,
     /// Hub revision.
     pub revision: Option<String>,
+    /// `pretraining_dataset`: the text field (`text` by default).
+    pub text_column: Option<String>,
+    /// `pretraining_dataset`: rows to skip at the start.
+    pub skip: Option<usize>,
     /// Knowledge-distillation field of teacher log-probabilities (read by the kd plugin).
     pub logprobs_field: Option<String>,
     /// Teacher sampling temperature (read by the kd plugin).
@@ -176,6 +180,8 @@ pub const DATASET_KEYS: &[&str] = &[
     "eot_tokens",
     "trust_remote_code",
     "revision",
+    "text_column",
+    "skip",
     "logprobs_field",
     "temperature",
 ];

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod strategy;
 pub mod cache;
 pub mod packing;
+pub mod pretraining;
 
 use std::path::PathBuf;
 

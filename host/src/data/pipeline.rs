@@ -141,15 +141,9 @@ pub fn dataset_label(index: usize, ds: &DatasetConfig) -> String {
     format!("datasets[{index}] ({})", ds.path.as_deref().unwrap_or("no path"))
 }
 
-/// Prepares every dataset and merges them. Errors name the dataset, file, line and field.
-pub fn prepare(
-    datasets: &[DatasetConfig],
-    settings: &DataSettings,
-    tokenizer: &ModelTokenizer,
-    hub_settings: &HubSettings,
-    base_dir: &Path,
-) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
-    let ctx = StrategyContext {
+/// What strategies need, from the settings.
+pub fn strategy_context<'a>(settings: &'a DataSettings, tokenizer: &'a ModelTokenizer, base_dir: &'a Path) -> StrategyContext<'a> {
+    StrategyContext {
         train_on_inputs: settings.train_on_inputs,
         chat_template: settings.chat_template.as_deref(),
         chat_template_jinja: settings.chat_template_jinja.as_deref(),
@@ -161,7 +155,18 @@ pub fn prepare(
             .unwrap_or_default(),
         base_dir,
         tokenizer,
-    };
+    }
+}
+
+/// Prepares every dataset and merges them. Errors name the dataset, file, line and field.
+pub fn prepare(
+    datasets: &[DatasetConfig],
+    settings: &DataSettings,
+    tokenizer: &ModelTokenizer,
+    hub_settings: &HubSettings,
+    base_dir: &Path,
+) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
+    let ctx = strategy_context(settings, tokenizer, base_dir);
     let mut merged = Vec::new();
     let mut reports = Vec::new();
     for (index, ds) in datasets.iter().enumerate() {

@@ -361,3 +361,45 @@ fn chat_template_kwargs_reach_the_template() {
     let (examples, _) = run(dir.path(), "path: {dir}/c.jsonl\ntype: chat_template\ntrain_on_eos: none", &s).unwrap();
     assert_eq!(texts(&examples[0]), ("> Hi|> Yo|".into(), "Yo".into()));
 }
+
+#[test]
+fn pretraining_dataset_streams_packed_batches_of_every_document_in_order() {
+    use axl::data::pretraining::PretrainingStream;
+    let dir = tempfile::tempdir().unwrap();
+    let docs = ["first document", "the second, somewhat longer document of the corpus", "third", "skipped?"];
+    let lines: String = docs.iter().map(|d| format!("{{\"body\": \"{d}\"}}\n")).collect();
+    write(dir.path(), "corpus.jsonl", &lines);
+    let ds: DatasetConfig = serde_yaml::from_str(&format!("path: {}/corpus.jsonl\ntext_column: body\nskip: 1", dir.path().display())).unwrap();
+    let s = settings();
+    let tok = tokenizer();
+    let ctx = axl::data::pipeline::strategy_context(&s, &tok, dir.path());
+    let (files, forced) = axl::data::pipeline::dataset_files(&ds, dir.path(), &offline()).unwrap();
+    let mut stream = PretrainingStream::new(&ds, files, forced, ctx, 8, 2).unwrap();
+    let mut text = String::new();
+    let mut batches = 0;
+    while let Some(batch) = stream.next_batch().unwrap() {
+        batches += 1;
+        assert_eq!(batch.input_ids[0].len(), 16, "bins of micro_batch_size × sequence_len");
+        let pad = tok.pad.as_ref().unwrap().1;
+        let mut ids = batch.input_ids[0].clone();
+        while ids.last() == Some(&pad) {
+            ids.pop();
+        }
+        // Every token is trained but the first of each packed piece (nothing before it in
+        // its own sequence predicts it; position 0 is never predicted at all) and the padding.
+        let layout = batch.layout.as_ref().unwrap();
+        for (i, label) in batch.labels[0].iter().enumerate().take(ids.len()) {
+            let starts_piece = i > 0 && layout.sequence_ids[0][i] != layout.sequence_ids[0][i - 1];
+            assert_eq!(*label == -100, starts_piece, "label {i} of batch {batches}");
+        }
+        text.push_str(&tok.decode(&ids, false).unwrap());
+    }
+    assert!(batches >= 2);
+    let expected: String = docs[1..].iter().map(|d| format!("{d}<|im_end|>")).collect();
+    assert_eq!(text, expected);
+    assert!(!text.contains("first"), "skip: 1 skips the first row");
+
+    let config = "base_model: x\npretraining_dataset:\n  - path: corpus.jsonl\n";
+    let err = axl::config::LoadedConfig::from_str(config, Path::new("c.yml")).unwrap_err().to_string();
+    assert!(err.contains("max_steps: required with pretraining_dataset"), "{err}");
+}
