@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::config::{DatasetConfig, DatasetType};
 use super::error::{DataError, Result};
-use super::example::{tokenize, Formatted, TextExample, Tokenized};
+use super::example::{tokenize, Tokenized};
 use super::instruct::text_of;
 use super::packing::Batch;
 use super::source::{self, Format, Row};
@@ -130,15 +130,7 @@ impl<'a> PretrainingStream<'a> {
                     Some(v) => text_of(row, &self.text_column, v)?,
                     None => return Err(row.field_error(&self.text_column, "missing")),
                 };
-                if text.is_empty() {
-                    return Ok(vec![]);
-                }
-                let mut example = TextExample::from_pieces(&[(&text, true)]);
-                example.add_special_tokens = true;
-                example.append_eos = Some(true);
-                example.train_all = true;
-                example.chunk = true;
-                vec![Formatted::Text(example)]
+                super::strategy::completion(&text).into_iter().collect()
             }
         };
         let mut out = Vec::new();

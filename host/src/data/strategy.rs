@@ -71,6 +71,20 @@ pub const KNOWN_TYPES: &[&str] = &[
     "input_output",
 ];
 
+/// Raw text trained in full, with the tokenizer's special tokens and EOS, cut into
+/// `sequence_len` pieces (nothing for empty text).
+pub fn completion(text: &str) -> Option<Formatted> {
+    if text.is_empty() {
+        return None;
+    }
+    let mut example = TextExample::from_pieces(&[(text, true)]);
+    example.add_special_tokens = true;
+    example.append_eos = Some(true);
+    example.train_all = true;
+    example.chunk = true;
+    Some(Formatted::Text(example))
+}
+
 impl Strategy {
     /// The strategy of a dataset.
     pub fn for_dataset(ds: &DatasetConfig, ctx: &StrategyContext) -> Result<Self> {
@@ -111,15 +125,7 @@ impl Strategy {
                     Some(v) => text_of(row, field, v)?,
                     None => return Err(row.field_error(field, "missing")),
                 };
-                if text.is_empty() {
-                    return Ok(vec![]);
-                }
-                let mut example = TextExample::from_pieces(&[(&text, true)]);
-                example.add_special_tokens = true;
-                example.append_eos = Some(true);
-                example.train_all = true;
-                example.chunk = true;
-                Ok(vec![Formatted::Text(example)])
+                Ok(completion(&text).into_iter().collect())
             }
             Self::InputOutput { train_on_inputs } => {
                 let segments = match row.fields.get("segments") {
