@@ -3,9 +3,14 @@
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
-    axl::allocator::tune_for_tensors();
     let cli = axl::cli::Cli::parse();
+    if cli.command.runs_a_model() {
+        axl::allocator::tune_for_tensors();
+    }
     match axl::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -28,6 +28,13 @@ pub enum Command {
     Preprocess(PreprocessArgs),
 }
 
+impl Command {
+    /// Whether the command runs a model (and so allocates tensors at a high rate).
+    pub fn runs_a_model(&self) -> bool {
+        !matches!(self, Self::Preprocess(_))
+    }
+}
+
 /// Which model to use, replacing the configuration's keys.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ModelArgs {
