@@ -13,8 +13,9 @@ use super::error::{DataError, Result};
 use super::example::Tokenized;
 use super::pipeline::{DataSettings, DatasetReport};
 use crate::fsio;
+use crate::model::ops::IGNORE_INDEX;
 
-const MAGIC: &[u8; 8] = b"AXLDATA1";
+const MAGIC: &[u8; 8] = b"AXLDATA2";
 /// Bumped whenever formatting or tokenization changes what a row becomes.
 const FORMAT_VERSION: &str = "1";
 /// Files of a tokenizer directory that shape tokenization and templates.
@@ -89,23 +90,51 @@ fn report_file(dir: &Path) -> PathBuf {
     dir.join("report.json")
 }
 
+/// How an example's labels are stored.
+const LABELS_FROM_MASK: u8 = 0;
+const LABELS_EXPLICIT: u8 = 1;
+
+fn encode_example(e: &Tokenized, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+    for id in &e.input_ids {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    // Labels are almost always "the id where trained, -100 elsewhere": one bit per token.
+    let from_mask = e.input_ids.iter().zip(&e.labels).all(|(id, l)| *l == IGNORE_INDEX || *l == *id as i64);
+    if from_mask {
+        out.push(LABELS_FROM_MASK);
+        let mut bits = vec![0u8; e.len().div_ceil(8)];
+        for (i, l) in e.labels.iter().enumerate() {
+            if *l != IGNORE_INDEX {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        out.extend_from_slice(&bits);
+    } else {
+        out.push(LABELS_EXPLICIT);
+        for label in &e.labels {
+            out.extend_from_slice(&(*label as i32).to_le_bytes());
+        }
+    }
+}
+
 /// Stores a prepared dataset in `dir` (atomically: the examples first, the report last, and a
 /// reader only trusts a directory whose report exists).
 pub fn store(dir: &Path, prepared: &Prepared) -> Result<()> {
-    let mut bytes = Vec::with_capacity(16 + prepared.examples.iter().map(|e| 4 + 12 * e.len()).sum::<usize>());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&(prepared.examples.len() as u64).to_le_bytes());
-    for e in &prepared.examples {
-        bytes.extend_from_slice(&(e.len() as u32).to_le_bytes());
-        for id in &e.input_ids {
-            bytes.extend_from_slice(&id.to_le_bytes());
-        }
-        for label in &e.labels {
-            bytes.extend_from_slice(&(*label as i32).to_le_bytes());
-        }
-    }
     let path = examples_file(dir);
-    fsio::write_atomic(&path, &bytes).map_err(|e| DataError::msg(format!("cannot write: {e}")).at(&path, None))?;
+    fsio::write_atomic_with(&path, |file| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(MAGIC)?;
+        out.write_all(&(prepared.examples.len() as u64).to_le_bytes())?;
+        let mut buf = Vec::new();
+        for e in &prepared.examples {
+            buf.clear();
+            encode_example(e, &mut buf);
+            out.write_all(&buf)?;
+        }
+        out.flush()
+    })
+    .map_err(|e| DataError::msg(format!("cannot write: {e}")).at(&path, None))?;
     let report = report_file(dir);
     let json = serde_json::to_value(&prepared.reports).map_err(|e| DataError::msg(e.to_string()))?;
     fsio::write_json_atomic(&report, &json).map_err(|e| DataError::msg(format!("cannot write: {e}")).at(&report, None))
@@ -137,12 +166,23 @@ pub fn load(dir: &Path) -> Result<Option<Prepared>> {
     let mut examples = Vec::with_capacity(count.min(1 << 24));
     for _ in 0..count {
         let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-        let ids = take(4 * len)?.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        let labels = take(4 * len)?
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
-            .collect();
-        examples.push(Tokenized { input_ids: ids, labels });
+        let input_ids: Vec<u32> = take(4 * len)?.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let labels = match take(1)?[0] {
+            LABELS_FROM_MASK => {
+                let bits = take(len.div_ceil(8))?;
+                input_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| if bits[i / 8] & (1 << (i % 8)) != 0 { *id as i64 } else { IGNORE_INDEX })
+                    .collect()
+            }
+            LABELS_EXPLICIT => take(4 * len)?
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            _ => return Err(corrupt("bad label encoding")),
+        };
+        examples.push(Tokenized { input_ids, labels });
     }
     Ok(Some(Prepared { examples, reports }))
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rayon::prelude::*;
 
 use super::config::DatasetConfig;
 use super::error::{DataError, Result};
@@ -136,6 +135,47 @@ fn read_rows(files: &[PathBuf], forced: Option<Format>) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Formats and tokenizes rows in parallel, in order. Each worker thread has its own copy of
+/// the tokenizer: its word cache is then private, not a lock every token contends for.
+fn tokenize_rows(rows: &[Row], strategy: &Strategy, tokenizer: &ModelTokenizer, sequence_len: usize) -> Result<Vec<Vec<Tokenized>>> {
+    let one = |tok: &ModelTokenizer, row: &Row| -> Result<Vec<Tokenized>> {
+        let mut out = Vec::new();
+        for formatted in strategy.format(row)? {
+            out.extend(tokenize(formatted, tok, sequence_len).map_err(|e| e.at(row.file.as_path(), Some(row.location)))?);
+        }
+        Ok(out)
+    };
+    let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || rows.len() < 64 {
+        return rows.iter().map(|r| one(tokenizer, r)).collect();
+    }
+    // Small chunks handed out in order keep both workers busy to the end.
+    let chunks: Vec<&[Row]> = rows.chunks(rows.len().div_ceil(threads * 16)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Result<Vec<Vec<Tokenized>>>>>> = chunks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let tok = tokenizer.clone();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(part) = chunks.get(i) else { break };
+                    let result = part.iter().map(|r| one(&tok, r)).collect();
+                    *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(rows.len());
+    for slot in slots {
+        match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(part) => out.extend(part?),
+            None => return Err(DataError::msg("a tokenization worker stopped early")),
+        }
+    }
+    Ok(out)
+}
+
 /// The label of a dataset in messages.
 pub fn dataset_label(index: usize, ds: &DatasetConfig) -> String {
     format!("datasets[{index}] ({})", ds.path.as_deref().unwrap_or("no path"))
@@ -209,16 +249,7 @@ fn prepare_one(
         rows = source::shard(rows, count, ds.shards_idx.unwrap_or(0)).map_err(|e| e.field("shards_idx"))?;
     }
     let row_count = rows.len();
-    let tokenized: Vec<Vec<Tokenized>> = rows
-        .par_iter()
-        .map(|row| -> Result<Vec<Tokenized>> {
-            let mut out = Vec::new();
-            for formatted in strategy.format(row)? {
-                out.extend(tokenize(formatted, ctx.tokenizer, settings.sequence_len).map_err(|e| e.at(row.file.as_path(), Some(row.location)))?);
-            }
-            Ok(out)
-        })
-        .collect::<Result<_>>()?;
+    let tokenized = tokenize_rows(&rows, &strategy, ctx.tokenizer, settings.sequence_len)?;
     let mut report = DatasetReport { label: label.to_string(), files, rows: row_count, ..DatasetReport::default() };
     let mut kept = Vec::with_capacity(tokenized.len());
     for (row, examples) in rows.iter().zip(tokenized) {

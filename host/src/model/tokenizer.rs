@@ -31,6 +31,7 @@ pub struct GenerationDefaults {
 }
 
 /// A loaded tokenizer with its special tokens and chat template.
+#[derive(Clone)]
 pub struct ModelTokenizer {
     /// The fast tokenizer.
     pub inner: tokenizers::Tokenizer,
