@@ -70,6 +70,42 @@ pub fn load_tokenizer(sources: &ModelSources) -> Result<ModelTokenizer> {
     ModelTokenizer::load(&sources.tokenizer_dir)
 }
 
+/// Loads the tokenizer of `sources` with the configuration's `special_tokens` applied. A
+/// special token must already be in the vocabulary (adding tokens, which means resizing the
+/// embeddings, is not implemented yet).
+pub fn load_configured_tokenizer(cfg: &LoadedConfig, sources: &ModelSources) -> Result<ModelTokenizer> {
+    let mut tokenizer = load_tokenizer(sources)?;
+    let Some(special) = &cfg.config.special_tokens else { return Ok(tokenizer) };
+    if special.additional_special_tokens.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ModelError::Invalid(format!(
+            "{}: special_tokens.additional_special_tokens: adding tokens is not implemented yet",
+            cfg.path.display()
+        )));
+    }
+    let lookup = |key: &str, token: &Option<String>| -> Result<Option<(String, u32)>> {
+        let Some(text) = token else { return Ok(None) };
+        match tokenizer.inner.token_to_id(text) {
+            Some(id) => Ok(Some((text.clone(), id))),
+            None => Err(ModelError::Invalid(format!(
+                "{}: special_tokens.{key}: `{text}` is not in the vocabulary of {}; adding tokens is not implemented yet",
+                cfg.path.display(),
+                sources.tokenizer_dir.display()
+            ))),
+        }
+    };
+    if let Some(t) = lookup("bos_token", &special.bos_token)? {
+        tokenizer.bos = Some(t);
+    }
+    if let Some(t) = lookup("eos_token", &special.eos_token)? {
+        tokenizer.eos = Some(t);
+    }
+    if let Some(t) = lookup("pad_token", &special.pad_token)? {
+        tokenizer.pad = Some(t);
+    }
+    lookup("unk_token", &special.unk_token)?;
+    Ok(tokenizer)
+}
+
 /// Whether a directory holds a PEFT adapter.
 pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(crate::model::lora::ADAPTER_CONFIG).is_file()

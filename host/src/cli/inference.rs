@@ -104,7 +104,7 @@ pub fn run(args: InferenceArgs) -> anyhow::Result<()> {
     let cfg = LoadedConfig::load(&args.config)?;
     let overrides = args.model.overrides();
     let sources = setup::model_sources(&cfg, &overrides, &HubSettings::from_env())?;
-    let tokenizer = setup::load_tokenizer(&sources)?;
+    let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;
     let mut model = setup::load_base(&sources, &LoadOptions::default())?;
     if cfg.config.adapter.is_some() || overrides.lora_model_dir.is_some() {
         match setup::trained_adapter_dir(&cfg, &overrides) {

@@ -23,7 +23,7 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
     let cfg = LoadedConfig::load(&args.config)?;
     let hub = HubSettings::from_env();
     let sources = setup::model_sources(&cfg, &args.model.overrides(), &hub)?;
-    let tokenizer = setup::load_tokenizer(&sources)?;
+    let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;
     let start = Instant::now();
     let (prepared, status) = data::prepare_cached(&cfg, &tokenizer, &hub)?;
     let secs = start.elapsed().as_secs_f64();

@@ -59,6 +59,8 @@ pub fn prepare_cached(
         }
     }
     key.add_tokenizer(&tokenizer.dir)?;
+    // Special tokens the configuration set on top of the tokenizer files.
+    key.add_bytes(format!("{:?}|{:?}|{:?}|{}", tokenizer.bos, tokenizer.eos, tokenizer.pad, tokenizer.add_bos_token).as_bytes());
     let root = cfg.resolve_path(cfg.config.dataset_prepared_path.as_deref().unwrap_or(DEFAULT_PREPARED_PATH));
     let dir = root.join(key.finish());
     if let Some(prepared) = cache::load(&dir)? {

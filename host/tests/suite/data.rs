@@ -403,3 +403,62 @@ fn pretraining_dataset_streams_packed_batches_of_every_document_in_order() {
     let err = axl::config::LoadedConfig::from_str(config, Path::new("c.yml")).unwrap_err().to_string();
     assert!(err.contains("max_steps: required with pretraining_dataset"), "{err}");
 }
+
+#[test]
+fn parquet_files_written_by_pyarrow_read_with_lists_and_structs() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data");
+    let (examples, reports) = run(&data, "path: {dir}/alpaca.parquet\ntype: alpaca", &settings()).unwrap();
+    assert_eq!(reports[0].rows, 3);
+    assert_eq!(texts(&examples[1]).1, "5<|im_end|>");
+    assert!(texts(&examples[1]).0.contains("### Input:\n2 and 3"));
+    let (examples, _) = run(&data, "path: {dir}/chat.parquet\ntype: chat_template", &settings()).unwrap();
+    assert_eq!(texts(&examples[1]).1, "See you.<|im_end|>");
+}
+
+#[test]
+fn several_datasets_are_merged_and_shuffled_reproducibly_with_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: String = (0..20).map(|i| format!("{{\"text\": \"row {i}\"}}\n")).collect();
+    write(dir.path(), "a.jsonl", &rows);
+    write(dir.path(), "b.jsonl", "{\"instruction\": \"Say hi.\", \"output\": \"Hi!\"}\n");
+    let datasets: Vec<DatasetConfig> = serde_yaml::from_str(&format!(
+        "- path: {d}/a.jsonl\n  type: completion\n- path: {d}/b.jsonl\n  type: alpaca\n",
+        d = dir.path().display()
+    ))
+    .unwrap();
+    let mut s = settings();
+    s.shuffle = true;
+    let order = |s: &DataSettings| {
+        let (examples, reports) = prepare(&datasets, s, &tokenizer(), &offline(), dir.path()).unwrap();
+        assert_eq!(reports.iter().map(|r| r.examples).sum::<usize>(), 21);
+        examples.iter().map(|e| texts(e).0).collect::<Vec<_>>()
+    };
+    let first = order(&s);
+    assert_eq!(first, order(&s), "the same seed gives the same order");
+    assert!(first.iter().any(|t| t.contains("### Response:\nHi!")));
+    s.seed = 7;
+    assert_ne!(first, order(&s));
+    s.shuffle = false;
+    assert_eq!(order(&s)[0], "row 0<|im_end|>");
+}
+
+#[test]
+fn special_tokens_from_the_config_override_the_tokenizer_and_unknown_ones_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.jsonl", ALPACA_ROWS);
+    let preprocess = |extra: &str| {
+        let config = write_config(dir.path(), extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+            .args(["preprocess", config.to_str().unwrap(), "--debug", "--json"])
+            .output()
+            .unwrap()
+    };
+    let out = preprocess("special_tokens:\n  eos_token: \"<|endoftext|>\"\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().next().unwrap()).unwrap();
+    assert!(line["text"].as_str().unwrap().ends_with("Hi!<|endoftext|>"), "{line}");
+    let out = preprocess("special_tokens:\n  eos_token: \"</s>\"\n");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("special_tokens.eos_token: `</s>` is not in the vocabulary"), "{stderr}");
+}
