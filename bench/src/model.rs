@@ -85,7 +85,7 @@ fn seconds_per_step(steps: usize, mut step: impl FnMut() -> anyhow::Result<()>) 
 
 fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
     match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{name}")),
+        Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| name.to_string()),
         None => Ok(default),
     }
 }

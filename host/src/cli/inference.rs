@@ -8,17 +8,17 @@ use anyhow::{bail, Context};
 use super::InferenceArgs;
 use crate::chat_template::{self, ChatTemplate, Message, SpecialTokens};
 use crate::config::LoadedConfig;
+use crate::data::config::DatasetType;
+use crate::data::instruct::InstructStrategy;
 use crate::model::generate::{Decoder, SamplingParams, TextStream};
 use crate::model::resolve::HubSettings;
 use crate::model::tokenizer::ModelTokenizer;
 use crate::model::{lora, LoadOptions};
 use crate::setup;
 
-const ALPACA_PROMPT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
-
 enum Prompter {
-    Chat(ChatTemplate, SpecialTokens),
-    Alpaca,
+    Chat(Box<ChatTemplate>, SpecialTokens),
+    Instruct(Box<InstructStrategy>),
     Raw,
 }
 
@@ -29,7 +29,7 @@ impl Prompter {
                 let text = t.render(&[Message::new("user", input)], true, special)?;
                 tokenizer.encode(&text, false)?
             }
-            Self::Alpaca => tokenizer.encode(&ALPACA_PROMPT.replace("{instruction}", input), true)?,
+            Self::Instruct(s) => tokenizer.encode(&s.prompt(input), true)?,
             Self::Raw => tokenizer.encode(input, true)?,
         })
     }
@@ -68,19 +68,21 @@ fn chat_template_source(cfg: &LoadedConfig, tokenizer: &ModelTokenizer) -> anyho
         .with_context(|| format!("chat_template: built-in template `{name}` is not available yet"))
 }
 
+/// The instruction format of the first dataset, if it has one.
+fn dataset_format(cfg: &LoadedConfig) -> Option<InstructStrategy> {
+    let ds = cfg.config.datasets.as_ref()?.first()?;
+    match ds.kind.as_ref()? {
+        DatasetType::UserDefined(p) => Some(InstructStrategy::user_defined(p, false)),
+        DatasetType::Name(name) => InstructStrategy::by_name(name, ds.conversation.as_deref(), false)?.ok(),
+    }
+}
+
 fn prompter(cfg: &LoadedConfig, args: &InferenceArgs, tokenizer: &ModelTokenizer) -> anyhow::Result<Prompter> {
-    let dataset_type = cfg
-        .config
-        .datasets
-        .as_ref()
-        .and_then(|d| d.first())
-        .and_then(|d| d.type_name())
-        .map(str::to_string);
+    let dataset_is_chat = cfg.config.datasets.as_ref().and_then(|d| d.first()).and_then(|d| d.type_name()) == Some("chat_template");
     let choice = match args.prompter.as_deref() {
         Some(p) => p.to_ascii_lowercase(),
-        None if cfg.config.chat_template.is_some() => "chat".into(),
-        None if dataset_type.as_deref().is_some_and(|t| t.starts_with("alpaca")) => "alpaca".into(),
-        None if dataset_type.as_deref() == Some("chat_template") => "chat".into(),
+        None if cfg.config.chat_template.is_some() || dataset_is_chat => "chat".into(),
+        None if dataset_format(cfg).is_some() => "dataset".into(),
         None => "none".into(),
     };
     Ok(match choice.as_str() {
@@ -92,11 +94,16 @@ fn prompter(cfg: &LoadedConfig, args: &InferenceArgs, tokenizer: &ModelTokenizer
                 pad_token: tokenizer.pad.as_ref().map(|t| t.0.clone()),
                 unk_token: None,
             };
-            Prompter::Chat(ChatTemplate::new(&source)?, special)
+            Prompter::Chat(Box::new(ChatTemplate::new(&source)?), special)
         }
-        "alpaca" => Prompter::Alpaca,
+        "dataset" => Prompter::Instruct(Box::new(
+            dataset_format(cfg).context("--prompter dataset: the first dataset has no instruction format")?,
+        )),
+        "alpaca" => Prompter::Instruct(Box::new(
+            InstructStrategy::by_name("alpaca", None, false).expect("alpaca is built in").map_err(anyhow::Error::msg)?,
+        )),
         "none" | "raw" => Prompter::Raw,
-        other => bail!("--prompter {other}: expected chat, alpaca or none"),
+        other => bail!("--prompter {other}: expected chat, dataset, alpaca or none"),
     })
 }
 

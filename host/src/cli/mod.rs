@@ -104,9 +104,10 @@ pub struct InferenceArgs {
     /// Seed of the sampling stream.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// How the prompt is formatted: `chat` (chat template), `alpaca`, or `none` (raw text).
-    /// By default: the chat template when `chat_template` is set, else the first dataset's
-    /// prompt format, else raw text.
+    /// How the prompt is formatted: `chat` (chat template), `dataset` (the first dataset's
+    /// instruction format), `alpaca`, or `none` (raw text). By default: the chat template when
+    /// `chat_template` is set or the first dataset is a conversation, else the first dataset's
+    /// instruction format, else raw text.
     #[arg(long)]
     pub prompter: Option<String>,
 }

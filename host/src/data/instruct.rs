@@ -215,6 +215,30 @@ impl InstructStrategy {
         }
     }
 
+    /// The prompt this format gives an instruction with no input, as inference sends it
+    /// (the system text is the format's fixed one, or its default when it comes from a field).
+    pub fn prompt(&self, instruction: &str) -> String {
+        let system = match &self.system {
+            SystemSource::Fixed { without_input, .. } => without_input.clone(),
+            SystemSource::Field { default, .. } => default.clone(),
+        };
+        self.assemble(&system, instruction, "")
+    }
+
+    fn assemble(&self, system: &str, instruction: &str, input: &str) -> String {
+        let mut prompt = String::new();
+        if !system.is_empty() && !self.turn.system.is_empty() {
+            prompt.push_str(&self.turn.system.replace("{system}", system));
+        }
+        let turn = if input.is_empty() {
+            fill(&self.turn.without_input, instruction, "", system)
+        } else {
+            fill(&self.turn.with_input, instruction, input, system)
+        };
+        prompt.push_str(&turn);
+        prompt
+    }
+
     /// Formats one row.
     pub fn format(&self, row: &Row) -> Result<Formatted> {
         let (instruction, input, response) = self.read_fields(row)?;
@@ -228,16 +252,7 @@ impl InstructStrategy {
                 None => default.clone(),
             },
         };
-        let mut prompt = String::new();
-        if !system.is_empty() && !self.turn.system.is_empty() {
-            prompt.push_str(&self.turn.system.replace("{system}", &system));
-        }
-        let turn = if input.is_empty() {
-            fill(&self.turn.without_input, &instruction, "", &system)
-        } else {
-            fill(&self.turn.with_input, &instruction, &input, &system)
-        };
-        prompt.push_str(&turn);
+        let prompt = self.assemble(&system, &instruction, &input);
         let mut example = TextExample::from_pieces(&[(&prompt, self.train_on_inputs), (&response, true)]);
         example.add_special_tokens = true;
         example.append_eos = (!response.is_empty()).then_some(true);

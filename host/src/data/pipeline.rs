@@ -152,7 +152,8 @@ fn tokenize_rows(rows: &[Row], strategy: &Strategy, tokenizer: &ModelTokenizer, 
     // Small chunks handed out in order keep both workers busy to the end.
     let chunks: Vec<&[Row]> = rows.chunks(rows.len().div_ceil(threads * 16)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<Result<Vec<Vec<Tokenized>>>>>> = chunks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    type Slot = std::sync::Mutex<Option<Result<Vec<Vec<Tokenized>>>>>;
+    let slots: Vec<Slot> = chunks.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {

@@ -462,3 +462,15 @@ fn special_tokens_from_the_config_override_the_tokenizer_and_unknown_ones_are_er
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("special_tokens.eos_token: `</s>` is not in the vocabulary"), "{stderr}");
 }
+
+#[test]
+fn inference_prompts_use_the_dataset_instruction_format() {
+    use axl::data::instruct::InstructStrategy;
+    let alpaca = InstructStrategy::by_name("alpaca", None, false).unwrap().unwrap();
+    assert_eq!(
+        alpaca.prompt("Say hi."),
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
+    );
+    let chat = InstructStrategy::by_name("alpaca:chatml", None, false).unwrap().unwrap();
+    assert!(chat.prompt("Hi").ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
+}
