@@ -89,6 +89,42 @@ impl Tokenized {
     }
 }
 
+/// Token ids, byte offsets into `text` and the special-token mask.
+///
+/// Fast path: ids without offsets, then offsets from the bytes each token stands for, used
+/// only when those bytes spell `text` exactly (byte-level vocabularies without normalization);
+/// otherwise the tokenizer computes the offsets itself.
+fn encode_with_offsets(tokenizer: &ModelTokenizer, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>, Vec<u32>)> {
+    let fail = |e: tokenizers::Error| DataError::msg(format!("tokenization failed: {e}"));
+    let fast = tokenizer.inner.encode_fast(text, add_special_tokens).map_err(fail)?;
+    if let Some(offsets) = offsets_from_bytes(tokenizer, fast.get_ids(), fast.get_special_tokens_mask(), text.as_bytes()) {
+        return Ok((fast.get_ids().to_vec(), offsets, fast.get_special_tokens_mask().to_vec()));
+    }
+    let full = tokenizer.inner.encode(text, add_special_tokens).map_err(fail)?;
+    Ok((full.get_ids().to_vec(), full.get_offsets().to_vec(), full.get_special_tokens_mask().to_vec()))
+}
+
+/// Offsets of `ids` in `text` from the bytes of each token, if they spell `text` exactly.
+/// Tokens the post-processor added (special, and spelling nothing of the text here) get an
+/// empty range at their position.
+fn offsets_from_bytes(tokenizer: &ModelTokenizer, ids: &[u32], special: &[u32], text: &[u8]) -> Option<Vec<(usize, usize)>> {
+    let table = tokenizer.token_bytes();
+    let mut offsets = Vec::with_capacity(ids.len());
+    let mut at = 0usize;
+    for (i, &id) in ids.iter().enumerate() {
+        let bytes = table.get(id as usize)?.as_deref()?;
+        if text.get(at..at + bytes.len()) == Some(bytes) {
+            offsets.push((at, at + bytes.len()));
+            at += bytes.len();
+        } else if special.get(i) == Some(&1) {
+            offsets.push((at, at));
+        } else {
+            return None;
+        }
+    }
+    (at == text.len()).then_some(offsets)
+}
+
 /// Tokenizes a formatted example into one or more tokenized examples (several when chunked).
 pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: usize) -> Result<Vec<Tokenized>> {
     let example = match formatted {
@@ -104,13 +140,7 @@ pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: 
         }
         Formatted::Text(t) => t,
     };
-    let encoding = tokenizer
-        .inner
-        .encode(example.text.as_str(), example.add_special_tokens)
-        .map_err(|e| DataError::msg(format!("tokenization failed: {e}")))?;
-    let ids = encoding.get_ids();
-    let offsets = encoding.get_offsets();
-    let special = encoding.get_special_tokens_mask();
+    let (ids, offsets, special) = encode_with_offsets(tokenizer, &example.text, example.add_special_tokens)?;
     let mut input_ids = Vec::with_capacity(ids.len() + 2);
     let mut labels = Vec::with_capacity(ids.len() + 2);
     if example.add_special_tokens && tokenizer.add_bos_token {
@@ -159,4 +189,48 @@ pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: 
         .zip(all.labels.chunks(sequence_len))
         .map(|(i, l)| Tokenized { input_ids: i.to_vec(), labels: l.to_vec() })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Widens a byte range to whole characters, as the tokenizer reports the offsets of a
+    /// token holding part of a character.
+    fn to_char_boundaries(text: &str, (mut start, mut end): (usize, usize)) -> (usize, usize) {
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        (start, end)
+    }
+
+    #[test]
+    fn offsets_from_token_bytes_equal_the_tokenizers_own() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+        let tokenizer = ModelTokenizer::load(&dir).unwrap();
+        let texts = [
+            "Hello world",
+            "  leading and trailing spaces  ",
+            "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nüñíçødé — “quotes” 日本語 🚀<|im_end|>",
+            "tabs\tand\nnewlines\r\n\n\nend",
+            "numbers 0123456789 and punctuation!?.,;:'\"()[]{}",
+            "",
+        ];
+        for text in texts {
+            for add_special in [false, true] {
+                let full = tokenizer.inner.encode(text, add_special).unwrap();
+                let fast = tokenizer.inner.encode_fast(text, add_special).unwrap();
+                assert_eq!(fast.get_ids(), full.get_ids());
+                let offsets = offsets_from_bytes(&tokenizer, fast.get_ids(), fast.get_special_tokens_mask(), text.as_bytes())
+                    .unwrap_or_else(|| panic!("fast path refused {text:?}"));
+                // Byte-exact where the tokenizer widens partial characters to whole ones; the
+                // same tokens overlap every character-aligned range either way.
+                let widened: Vec<(usize, usize)> = offsets.iter().map(|o| to_char_boundaries(text, *o)).collect();
+                assert_eq!(widened, full.get_offsets(), "{text:?}");
+            }
+        }
+    }
 }

@@ -50,6 +50,8 @@ pub struct ModelTokenizer {
     pub generation: GenerationDefaults,
     /// Where the tokenizer was read from.
     pub dir: PathBuf,
+    /// The bytes of each token id, when the vocabulary is byte-level (see [`Self::token_bytes`]).
+    token_bytes: std::sync::Arc<std::sync::OnceLock<Vec<Option<Vec<u8>>>>>,
 }
 
 fn token_content(v: &Value) -> Option<String> {
@@ -114,7 +116,17 @@ impl ModelTokenizer {
                 max_new_tokens: g.get("max_new_tokens").and_then(Value::as_u64).map(|n| n as usize),
             },
         };
-        Ok(Self { inner, bos, eos, pad, add_bos_token, chat_template, generation, dir: dir.to_path_buf() })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            add_bos_token,
+            chat_template,
+            generation,
+            dir: dir.to_path_buf(),
+            token_bytes: Default::default(),
+        })
     }
 
     fn read_chat_template(dir: &Path, config: &Value, config_path: &Path) -> Result<Option<String>> {
@@ -167,6 +179,29 @@ impl ModelTokenizer {
             .map_err(|e| ModelError::Invalid(format!("detokenization failed: {e}")))
     }
 
+    /// The text bytes each token id stands for: the content of added tokens, and for the
+    /// vocabulary the bytes of its byte-level (GPT-2 style) spelling; `None` for an id whose
+    /// spelling is not byte-level. Computed once.
+    pub fn token_bytes(&self) -> &[Option<Vec<u8>>] {
+        self.token_bytes.get_or_init(|| {
+            let byte_of = byte_level_decoding_table();
+            let size = self.inner.get_vocab_size(true);
+            let mut table: Vec<Option<Vec<u8>>> = vec![None; size];
+            for (token, id) in self.inner.get_vocab(false) {
+                let bytes: Option<Vec<u8>> = token.chars().map(|c| byte_of.get(&c).copied()).collect();
+                if let Some(slot) = table.get_mut(id as usize) {
+                    *slot = bytes;
+                }
+            }
+            for (id, added) in self.inner.get_added_tokens_decoder() {
+                if let Some(slot) = table.get_mut(id as usize) {
+                    *slot = Some(added.content.as_bytes().to_vec());
+                }
+            }
+            table
+        })
+    }
+
     /// Every id that ends generation: the generation config's EOS ids, the tokenizer's EOS,
     /// and the end-of-turn tokens of common chat formats that are in the vocabulary.
     pub fn stop_ids(&self, model_eos: &[u32]) -> Vec<u32> {
@@ -186,4 +221,22 @@ impl ModelTokenizer {
         out.dedup();
         out
     }
+}
+
+/// The inverse of GPT-2's byte-to-character mapping used by byte-level BPE vocabularies:
+/// printable bytes stand for themselves, the others for the characters from U+0100 on.
+fn byte_level_decoding_table() -> std::collections::HashMap<char, u8> {
+    let mut table = std::collections::HashMap::with_capacity(256);
+    let mut next = 0u32;
+    for b in 0u32..256 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            b
+        } else {
+            next += 1;
+            255 + next
+        };
+        table.insert(char::from_u32(c).expect("valid code point"), b as u8);
+    }
+    table
 }
