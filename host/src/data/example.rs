@@ -89,12 +89,15 @@ impl Tokenized {
     }
 }
 
+/// Token ids, byte offsets into the text, and the special-token mask.
+type Encoded = (Vec<u32>, Vec<(usize, usize)>, Vec<u32>);
+
 /// Token ids, byte offsets into `text` and the special-token mask.
 ///
 /// Fast path: ids without offsets, then offsets from the bytes each token stands for, used
 /// only when those bytes spell `text` exactly (byte-level vocabularies without normalization);
 /// otherwise the tokenizer computes the offsets itself.
-fn encode_with_offsets(tokenizer: &ModelTokenizer, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>, Vec<u32>)> {
+fn encode_with_offsets(tokenizer: &ModelTokenizer, text: &str, add_special_tokens: bool) -> Result<Encoded> {
     let fail = |e: tokenizers::Error| DataError::msg(format!("tokenization failed: {e}"));
     let fast = tokenizer.inner.encode_fast(text, add_special_tokens).map_err(fail)?;
     if let Some(offsets) = offsets_from_bytes(tokenizer, fast.get_ids(), fast.get_special_tokens_mask(), text.as_bytes()) {
