@@ -49,7 +49,14 @@ pub fn prepare_cached(
         .datasets
         .as_deref()
         .filter(|d| !d.is_empty())
-        .ok_or_else(|| DataError::msg("no datasets: the configuration needs a `datasets:` list").field("datasets"))?;
+        .ok_or_else(|| {
+            let message = if cfg.config.pretraining_dataset.is_some() {
+                "no datasets to prepare: pretraining_dataset is streamed and tokenized while training"
+            } else {
+                "no datasets: the configuration needs a `datasets:` list"
+            };
+            DataError::msg(message).field("datasets")
+        })?;
     let settings = pipeline::DataSettings::from_config(&cfg.config);
     let mut key = cache::CacheKey::new(&settings, datasets);
     for (i, ds) in datasets.iter().enumerate() {
