@@ -81,6 +81,9 @@ fn alpaca_styles_and_loaders_have_axolotls_texts() {
     write(dir.path(), "a.jsonl", ALPACA_ROWS);
     write(dir.path(), "qa.jsonl", "{\"question\": \"Why?\", \"answer\": \"Because.\"}\n");
     write(dir.path(), "orca.jsonl", "{\"system_prompt\": \"Be brief.\", \"question\": \"Q?\", \"response\": \"A.\"}\n");
+    write(dir.path(), "sys.jsonl", "{\"system\": \"Be brief.\", \"instruction\": \"Say hi.\", \"input\": \"\", \"output\": \"Hi!\"}\n");
+    write(dir.path(), "camel.jsonl", "{\"message_1\": \"Hi?\", \"message_2\": \"Hello.\"}\n");
+    write(dir.path(), "ctx.jsonl", "{\"article\": \"Sky is blue.\", \"question\": \"Colour?\", \"answer\": \"Blue.\", \"context\": \"Sky is blue.\", \"unanswerable_question\": \"Size?\"}\n");
     let cases: &[(&str, &str, &str)] = &[
         ("a.jsonl", "alpaca:chatml", "<|im_start|>system\nBelow is an instruction that describes a task. Write a response that appropriately completes the request.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"),
         ("a.jsonl", "alpaca:phi", "<|system|>\nBelow is an instruction that describes a task. Write a response that appropriately completes the request.<|end|>\n<|user|>\nSay hi.<|end|>\n<|assistant|>\n"),
@@ -88,6 +91,16 @@ fn alpaca_styles_and_loaders_have_axolotls_texts() {
         ("a.jsonl", "alpaca_chat.load_concise", "SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n\nUSER: Say hi.\nASSISTANT:"),
         ("qa.jsonl", "alpaca_chat.load_qa", "SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n\nUSER: Why?\nASSISTANT:"),
         ("orca.jsonl", "alpaca_w_system.load_open_orca", "### System:\nBe brief.\n### Human:\nQ?\n### Assistant:\n"),
+        ("a.jsonl", "alpaca:chat", "SYSTEM: Below is an instruction that describes a task. Write a response that appropriately completes the request.\nUSER: Say hi.\nASSISTANT:"),
+        ("a.jsonl", "alpaca_instruct.load_no_prompt", "### Instruction:\nSay hi.\n\n### Response:\n"),
+        ("a.jsonl", "alpaca_chat.load_no_prompt", "USER: Say hi.\nASSISTANT:"),
+        ("camel.jsonl", "alpaca_chat.load_camel_ai", "SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n\nUSER: Hi?\nASSISTANT:"),
+        ("sys.jsonl", "alpaca_w_system", "SYSTEM: Be brief.\nUSER: Say hi.\nASSISTANT:"),
+        ("sys.jsonl", "alpaca_w_system.load_instruct", "Be brief.\n\n### Instruction:\nSay hi.\n\n### Response:\n"),
+        ("orca.jsonl", "alpaca_w_system.load_open_orca_chatml", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"),
+        ("orca.jsonl", "orcamini", "### System:\nBe brief.\n\n### User:\nQ?\n\n### Response:\n"),
+        ("ctx.jsonl", "context_qa", "SYSTEM: Use the following contextual information to concisely answer the question.\n\nUSER: Sky is blue.\n===\nColour?\nASSISTANT:"),
+        ("ctx.jsonl", "context_qa.load_v2", "Context: Sky is blue.\nQuestion: Colour?\n"),
     ];
     for (file, kind, prompt) in cases {
         let (examples, _) = run(dir.path(), &format!("path: {{dir}}/{file}\ntype: {kind}"), &settings()).unwrap();
