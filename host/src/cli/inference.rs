@@ -113,6 +113,15 @@ pub fn run(args: InferenceArgs) -> anyhow::Result<()> {
     let sources = setup::model_sources(&cfg, &overrides, &HubSettings::from_env())?;
     let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;
     let mut model = setup::load_base(&sources, &LoadOptions::default())?;
+    let tokens = tokenizer.inner.get_vocab_size(true);
+    if tokens > model.config.vocab_size {
+        bail!(
+            "the tokenizer in {} has {tokens} tokens but the model in {} embeds only {}; are they of the same model?",
+            sources.tokenizer_dir.display(),
+            sources.config_dir.display(),
+            model.config.vocab_size
+        );
+    }
     if cfg.config.adapter.is_some() || overrides.lora_model_dir.is_some() {
         match setup::trained_adapter_dir(&cfg, &overrides) {
             Some(dir) => {
