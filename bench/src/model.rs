@@ -35,14 +35,28 @@ fn random_model(config_json: &str, trainable: bool) -> anyhow::Result<CausalLm> 
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, norm: bool| -> anyhow::Result<()> {
         let n: usize = shape.iter().product();
-        let values: Vec<f32> =
-            (0..n).map(|_| if norm { 1.0 } else { rng.random_range(-0.02f32..0.02) }).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                if norm {
+                    1.0
+                } else {
+                    rng.random_range(-0.02f32..0.02)
+                }
+            })
+            .collect();
         tensors.push((name, Tensor::from_vec(values, shape, &Device::Cpu)?));
         Ok(())
     };
     let (h, i) = (config.hidden_size, config.intermediate_size);
-    let (q, kv) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
-    add("model.embed_tokens.weight".into(), vec![config.vocab_size, h], false)?;
+    let (q, kv) = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    );
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![config.vocab_size, h],
+        false,
+    )?;
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for (n, shape) in [
@@ -57,24 +71,42 @@ fn random_model(config_json: &str, trainable: bool) -> anyhow::Result<CausalLm> 
             add(format!("{p}.{n}.weight"), shape, false)?;
         }
         add(format!("{p}.input_layernorm.weight"), vec![h], true)?;
-        add(format!("{p}.post_attention_layernorm.weight"), vec![h], true)?;
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            true,
+        )?;
     }
     add("model.norm.weight".into(), vec![h], true)?;
     let mut set = TensorSet::from_tensors("<random weights>".into(), tensors)?;
-    let options = LoadOptions { trainable, ..LoadOptions::default() };
+    let options = LoadOptions {
+        trainable,
+        ..LoadOptions::default()
+    };
     Ok(CausalLm::from_weights(config, &mut set, &options)?)
 }
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Runs `step` once to warm up, then `steps` times, and returns the mean seconds per step.
-fn seconds_per_step(steps: usize, mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+fn seconds_per_step(
+    steps: usize,
+    mut step: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     step()?;
     let start = Instant::now();
     for _ in 0..steps {
@@ -85,7 +117,11 @@ fn seconds_per_step(steps: usize, mut step: impl FnMut() -> anyhow::Result<()>) 
 
 fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
     match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| name.to_string()),
+        Some(i) => args
+            .get(i + 1)
+            .context("missing value")?
+            .parse()
+            .with_context(|| name.to_string()),
         None => Ok(default),
     }
 }

@@ -13,13 +13,22 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    TokenizerBuilder,
+};
 
 fn words(rng: &mut ChaCha8Rng) -> Vec<String> {
-    const SYLLABLES: [&str; 24] =
-        ["ka", "lo", "mi", "ten", "ra", "sho", "ve", "dun", "pi", "or", "el", "an", "qui", "st", "ba", "ne", "tho", "ri", "gu", "ma", "ex", "zo", "ly", "con"];
+    const SYLLABLES: [&str; 24] = [
+        "ka", "lo", "mi", "ten", "ra", "sho", "ve", "dun", "pi", "or", "el", "an", "qui", "st",
+        "ba", "ne", "tho", "ri", "gu", "ma", "ex", "zo", "ly", "con",
+    ];
     (0..3000)
-        .map(|_| (0..rng.random_range(1..4)).map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())]).collect())
+        .map(|_| {
+            (0..rng.random_range(1..4))
+                .map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())])
+                .collect()
+        })
         .collect()
 }
 
@@ -41,7 +50,10 @@ fn sentence(rng: &mut ChaCha8Rng, vocab: &[String], min: usize, max: usize) -> S
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = Path::new(args.first().context("usage: axl-bench-preprocess DIR [--alpaca N] [--chat N]")?);
+    let dir = Path::new(
+        args.first()
+            .context("usage: axl-bench-preprocess DIR [--alpaca N] [--chat N]")?,
+    );
     let count = |flag: &str, default: usize| -> anyhow::Result<usize> {
         match args.iter().position(|a| a == flag) {
             Some(i) => Ok(args.get(i + 1).context("missing value")?.parse()?),
@@ -55,7 +67,11 @@ fn main() -> anyhow::Result<()> {
 
     let mut alpaca = String::new();
     for _ in 0..alpaca_rows {
-        let input = if rng.random_bool(0.5) { sentence(&mut rng, &vocab, 5, 30) } else { String::new() };
+        let input = if rng.random_bool(0.5) {
+            sentence(&mut rng, &vocab, 5, 30)
+        } else {
+            String::new()
+        };
         let row = serde_json::json!({
             "instruction": sentence(&mut rng, &vocab, 8, 20),
             "input": input,
@@ -67,9 +83,13 @@ fn main() -> anyhow::Result<()> {
 
     let mut chat = String::new();
     for _ in 0..chat_rows {
-        let mut messages = vec![serde_json::json!({"role": "system", "content": sentence(&mut rng, &vocab, 5, 15)})];
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": sentence(&mut rng, &vocab, 5, 15)}),
+        ];
         for _ in 0..rng.random_range(2..=4) {
-            messages.push(serde_json::json!({"role": "user", "content": sentence(&mut rng, &vocab, 10, 40)}));
+            messages.push(
+                serde_json::json!({"role": "user", "content": sentence(&mut rng, &vocab, 10, 40)}),
+            );
             messages.push(serde_json::json!({"role": "assistant", "content": sentence(&mut rng, &vocab, 15, 60)}));
         }
         writeln!(chat, "{}", serde_json::json!({"messages": messages}))?;
@@ -81,23 +101,36 @@ fn main() -> anyhow::Result<()> {
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(8192)
         .show_progress(false)
-        .special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
-        .with_decoder(Some(ByteLevel::default().into()))
-        .with_post_processor(Some(ByteLevel::default().trim_offsets(false).into()))
-        .build()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
+    .with_decoder(Some(ByteLevel::default().into()))
+    .with_post_processor(Some(ByteLevel::default().trim_offsets(false).into()))
+    .build()
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, format!("{alpaca}\n{chat}"))?;
     tokenizer
         .train_from_files(&mut trainer, vec![corpus.to_string_lossy().to_string()])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::remove_file(&corpus)?;
-    tokenizer.save(dir.join("model/tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokenizer
+        .save(dir.join("model/tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::write(
         dir.join("model/tokenizer_config.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -119,7 +152,10 @@ fn main() -> anyhow::Result<()> {
     )?;
     for (name, dataset) in [
         ("alpaca", "  - path: {dir}/alpaca.jsonl\n    type: alpaca\n"),
-        ("chat", "  - path: {dir}/chat.jsonl\n    type: chat_template\n    chat_template: chatml\n"),
+        (
+            "chat",
+            "  - path: {dir}/chat.jsonl\n    type: chat_template\n    chat_template: chatml\n",
+        ),
     ] {
         let d = dir.display().to_string();
         let common = format!(
@@ -134,6 +170,9 @@ fn main() -> anyhow::Result<()> {
         );
         std::fs::write(dir.join(format!("axolotl-{name}.yml")), axolotl)?;
     }
-    println!("{alpaca_rows} alpaca rows and {chat_rows} chat rows in {}", dir.display());
+    println!(
+        "{alpaca_rows} alpaca rows and {chat_rows} chat rows in {}",
+        dir.display()
+    );
     Ok(())
 }

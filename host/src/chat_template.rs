@@ -35,7 +35,10 @@ pub struct Message {
 impl Message {
     /// A message from a role and text.
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -80,8 +83,10 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String, TemplateError> {
-        let values: Vec<serde_json::Value> =
-            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        let values: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
         self.render_values(&values, None, add_generation_prompt, special)
     }
 }
@@ -92,19 +97,37 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ("alpaca", include_str!("../templates/alpaca.jinja")),
     ("chatml", include_str!("../templates/chatml.jinja")),
     ("cohere", include_str!("../templates/cohere.jinja")),
-    ("deepseek_v2", include_str!("../templates/deepseek_v2.jinja")),
-    ("deepseek_v3", include_str!("../templates/deepseek_v3.jinja")),
+    (
+        "deepseek_v2",
+        include_str!("../templates/deepseek_v2.jinja"),
+    ),
+    (
+        "deepseek_v3",
+        include_str!("../templates/deepseek_v3.jinja"),
+    ),
     ("gemma", include_str!("../templates/gemma.jinja")),
     ("gemma3", include_str!("../templates/gemma3.jinja")),
     ("jamba", include_str!("../templates/jamba.jinja")),
     ("llama3", include_str!("../templates/llama3.jinja")),
-    ("llama3_2_vision", include_str!("../templates/llama3_2_vision.jinja")),
+    (
+        "llama3_2_vision",
+        include_str!("../templates/llama3_2_vision.jinja"),
+    ),
     ("llama4", include_str!("../templates/llama4.jinja")),
     ("metharme", include_str!("../templates/metharme.jinja")),
     ("mistral_v1", include_str!("../templates/mistral_v1.jinja")),
-    ("mistral_v2v3", include_str!("../templates/mistral_v2v3.jinja")),
-    ("mistral_v3_tekken", include_str!("../templates/mistral_v3_tekken.jinja")),
-    ("mistral_v7_tekken", include_str!("../templates/mistral_v7_tekken.jinja")),
+    (
+        "mistral_v2v3",
+        include_str!("../templates/mistral_v2v3.jinja"),
+    ),
+    (
+        "mistral_v3_tekken",
+        include_str!("../templates/mistral_v3_tekken.jinja"),
+    ),
+    (
+        "mistral_v7_tekken",
+        include_str!("../templates/mistral_v7_tekken.jinja"),
+    ),
     ("nemotron_h", include_str!("../templates/nemotron_h.jinja")),
     ("phi_3", include_str!("../templates/phi_3.jinja")),
     ("phi_35", include_str!("../templates/phi_35.jinja")),
@@ -113,7 +136,29 @@ pub const BUILTINS: &[(&str, &str)] = &[
 ];
 
 /// The names of the built-in templates.
-pub const BUILTIN_NAMES: &[&str] = &["alpaca", "chatml", "cohere", "deepseek_v2", "deepseek_v3", "gemma", "gemma3", "jamba", "llama3", "llama3_2_vision", "llama4", "metharme", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "nemotron_h", "phi_3", "phi_35", "qwen3", "qwen_25"];
+pub const BUILTIN_NAMES: &[&str] = &[
+    "alpaca",
+    "chatml",
+    "cohere",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gemma",
+    "gemma3",
+    "jamba",
+    "llama3",
+    "llama3_2_vision",
+    "llama4",
+    "metharme",
+    "mistral_v1",
+    "mistral_v2v3",
+    "mistral_v3_tekken",
+    "mistral_v7_tekken",
+    "nemotron_h",
+    "phi_3",
+    "phi_35",
+    "qwen3",
+    "qwen_25",
+];
 
 /// A built-in template by name.
 pub fn builtin(name: &str) -> Option<&'static str> {
@@ -130,7 +175,13 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String, TemplateError> {
-        self.render_with(messages, tools, add_generation_prompt, special, &serde_json::Map::new())
+        self.render_with(
+            messages,
+            tools,
+            add_generation_prompt,
+            special,
+            &serde_json::Map::new(),
+        )
     }
 
     /// Renders with extra template variables (`chat_template_kwargs`, e.g. `enable_thinking`
@@ -145,13 +196,37 @@ impl ChatTemplate {
     ) -> Result<String, TemplateError> {
         let template = self.env.get_template("chat")?;
         let mut ctx = extra.clone();
-        ctx.insert("messages".into(), serde_json::Value::Array(messages.to_vec()));
-        ctx.insert("tools".into(), tools.cloned().unwrap_or(serde_json::Value::Null));
+        ctx.insert(
+            "messages".into(),
+            serde_json::Value::Array(messages.to_vec()),
+        );
+        ctx.insert(
+            "tools".into(),
+            tools.cloned().unwrap_or(serde_json::Value::Null),
+        );
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
-        ctx.insert("bos_token".into(), special.bos_token.clone().unwrap_or_default().into());
-        ctx.insert("eos_token".into(), special.eos_token.clone().unwrap_or_default().into());
-        ctx.insert("pad_token".into(), special.pad_token.clone().map_or(serde_json::Value::Null, Into::into));
-        ctx.insert("unk_token".into(), special.unk_token.clone().map_or(serde_json::Value::Null, Into::into));
+        ctx.insert(
+            "bos_token".into(),
+            special.bos_token.clone().unwrap_or_default().into(),
+        );
+        ctx.insert(
+            "eos_token".into(),
+            special.eos_token.clone().unwrap_or_default().into(),
+        );
+        ctx.insert(
+            "pad_token".into(),
+            special
+                .pad_token
+                .clone()
+                .map_or(serde_json::Value::Null, Into::into),
+        );
+        ctx.insert(
+            "unk_token".into(),
+            special
+                .unk_token
+                .clone()
+                .map_or(serde_json::Value::Null, Into::into),
+        );
         Ok(template.render(JValue::from_serialize(&ctx))?)
     }
 }
@@ -173,9 +248,29 @@ fn format_utc(epoch: i64, format: &str) -> String {
     let days = epoch.div_euclid(86_400);
     let secs = epoch.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const WEEKDAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const WEEKDAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
     let weekday = WEEKDAYS[days.rem_euclid(7) as usize];
     let month_name = MONTHS[(month - 1) as usize];
     let mut out = String::new();
@@ -240,12 +335,20 @@ fn tojson(value: JValue, kwargs: Kwargs) -> Result<JValue, JError> {
         Some(s) => {
             let items: Vec<JValue> = s.try_iter()?.collect();
             let get = |i: usize| items.get(i).and_then(|v| v.as_str().map(str::to_string));
-            (get(0).unwrap_or_else(|| ", ".into()), get(1).unwrap_or_else(|| ": ".into()))
+            (
+                get(0).unwrap_or_else(|| ", ".into()),
+                get(1).unwrap_or_else(|| ": ".into()),
+            )
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let style = JsonStyle { indent, item_sep, key_sep, sort_keys: sort_keys.unwrap_or(false) };
+    let style = JsonStyle {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: sort_keys.unwrap_or(false),
+    };
     let mut out = String::new();
     python_json(&value, &style, 0, &mut out)?;
     Ok(JValue::from_safe_string(out))
@@ -259,7 +362,12 @@ struct JsonStyle {
 }
 
 /// Writes `value` as Python's `json.dumps(value, ensure_ascii=False, ...)` does.
-fn python_json(value: &JValue, style: &JsonStyle, depth: usize, out: &mut String) -> Result<(), JError> {
+fn python_json(
+    value: &JValue,
+    style: &JsonStyle,
+    depth: usize,
+    out: &mut String,
+) -> Result<(), JError> {
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = style.indent {
             out.push('\n');
@@ -271,13 +379,18 @@ fn python_json(value: &JValue, style: &JsonStyle, depth: usize, out: &mut String
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => {
             let text = value.to_string();
-            if let Some(f) = f64::try_from(value.clone()).ok().filter(|_| text.contains('.') || text.contains('e')) {
+            if let Some(f) = f64::try_from(value.clone())
+                .ok()
+                .filter(|_| text.contains('.') || text.contains('e'))
+            {
                 out.push_str(&python_float(f));
             } else {
                 out.push_str(&text);
             }
         }
-        ValueKind::String => out.push_str(&serde_json::to_string(value.as_str().unwrap_or_default()).unwrap_or_default()),
+        ValueKind::String => out.push_str(
+            &serde_json::to_string(value.as_str().unwrap_or_default()).unwrap_or_default(),
+        ),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<JValue> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -310,7 +423,10 @@ fn python_json(value: &JValue, style: &JsonStyle, depth: usize, out: &mut String
                     out.push_str(&style.item_sep);
                 }
                 newline(out, depth + 1);
-                let name = key.as_str().map(str::to_string).unwrap_or_else(|| key.to_string());
+                let name = key
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| key.to_string());
                 out.push_str(&serde_json::to_string(&name).unwrap_or_default());
                 out.push_str(&style.key_sep);
                 python_json(&value.get_item(key)?, style, depth + 1, out)?;
@@ -328,7 +444,11 @@ fn python_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     format!("{f:?}")
 }
@@ -340,7 +460,10 @@ mod tests {
     #[test]
     fn dates_follow_the_gregorian_calendar() {
         assert_eq!(format_utc(0, "%Y-%m-%d %A"), "1970-01-01 Thursday");
-        assert_eq!(format_utc(1_735_689_600, "%d %B %Y, %a %b %-d"), "01 January 2025, Wed Jan 1");
+        assert_eq!(
+            format_utc(1_735_689_600, "%d %B %Y, %a %b %-d"),
+            "01 January 2025, Wed Jan 1"
+        );
     }
 
     #[test]

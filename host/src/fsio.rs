@@ -14,13 +14,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Writes `path` atomically with a writer callback, so large outputs need not be buffered twice.
-pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = parent_dir(path);
     fs::create_dir_all(&dir)?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name")
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut file = File::create(&tmp)?;
         write(&mut file)?;
@@ -45,7 +52,13 @@ fn parent_dir(path: &Path) -> PathBuf {
 fn sync_dir(dir: &Path) -> io::Result<()> {
     // Directories cannot be opened for syncing everywhere; where they can, a failure is real.
     match File::open(dir) {
-        Ok(d) => d.sync_all().or_else(|e| if e.kind() == io::ErrorKind::InvalidInput { Ok(()) } else { Err(e) }),
+        Ok(d) => d.sync_all().or_else(|e| {
+            if e.kind() == io::ErrorKind::InvalidInput {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }),
         Err(_) => Ok(()),
     }
 }

@@ -33,12 +33,18 @@ pub struct ModelSources {
 }
 
 /// Resolves `base_model`, `base_model_config` and `tokenizer_config`.
-pub fn model_sources(cfg: &LoadedConfig, overrides: &ModelOverrides, hub: &HubSettings) -> Result<ModelSources> {
+pub fn model_sources(
+    cfg: &LoadedConfig,
+    overrides: &ModelOverrides,
+    hub: &HubSettings,
+) -> Result<ModelSources> {
     let base_model = overrides
         .base_model
         .clone()
         .or_else(|| cfg.config.base_model.clone())
-        .ok_or_else(|| ModelError::Invalid(format!("{}: base_model is required", cfg.path.display())))?;
+        .ok_or_else(|| {
+            ModelError::Invalid(format!("{}: base_model is required", cfg.path.display()))
+        })?;
     let find = |reference: &str| -> Result<PathBuf> {
         let as_path = cfg.resolve_path(reference);
         if as_path.is_dir() {
@@ -55,13 +61,19 @@ pub fn model_sources(cfg: &LoadedConfig, overrides: &ModelOverrides, hub: &HubSe
         Some(r) if overrides.base_model.is_none() => find(r)?,
         _ => weights_dir.clone(),
     };
-    Ok(ModelSources { base_model, weights_dir, config_dir, tokenizer_dir })
+    Ok(ModelSources {
+        base_model,
+        weights_dir,
+        config_dir,
+        tokenizer_dir,
+    })
 }
 
 /// Loads the base model of `sources`.
 pub fn load_base(sources: &ModelSources, options: &LoadOptions) -> Result<CausalLm> {
     let config = ModelConfig::from_dir(&sources.config_dir)?;
-    let mut weights = safetensors_io::load_model_weights(&sources.weights_dir, options.dtype, &options.device)?;
+    let mut weights =
+        safetensors_io::load_model_weights(&sources.weights_dir, options.dtype, &options.device)?;
     CausalLm::from_weights(config, &mut weights, options)
 }
 
@@ -73,10 +85,19 @@ pub fn load_tokenizer(sources: &ModelSources) -> Result<ModelTokenizer> {
 /// Loads the tokenizer of `sources` with the configuration's `special_tokens` applied. A
 /// special token must already be in the vocabulary (adding tokens, which means resizing the
 /// embeddings, is not implemented yet).
-pub fn load_configured_tokenizer(cfg: &LoadedConfig, sources: &ModelSources) -> Result<ModelTokenizer> {
+pub fn load_configured_tokenizer(
+    cfg: &LoadedConfig,
+    sources: &ModelSources,
+) -> Result<ModelTokenizer> {
     let mut tokenizer = load_tokenizer(sources)?;
-    let Some(special) = &cfg.config.special_tokens else { return Ok(tokenizer) };
-    if special.additional_special_tokens.as_ref().is_some_and(|t| !t.is_empty()) {
+    let Some(special) = &cfg.config.special_tokens else {
+        return Ok(tokenizer);
+    };
+    if special
+        .additional_special_tokens
+        .as_ref()
+        .is_some_and(|t| !t.is_empty())
+    {
         return Err(ModelError::Invalid(format!(
             "{}: special_tokens.additional_special_tokens: adding tokens is not implemented yet",
             cfg.path.display()
@@ -114,7 +135,11 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 /// The trained adapter a command should use: `--lora-model-dir`, else `lora_model_dir`, else
 /// `output_dir` when it holds an adapter (where `axl train` writes it).
 pub fn trained_adapter_dir(cfg: &LoadedConfig, overrides: &ModelOverrides) -> Option<PathBuf> {
-    if let Some(d) = overrides.lora_model_dir.as_deref().or(cfg.config.lora_model_dir.as_deref()) {
+    if let Some(d) = overrides
+        .lora_model_dir
+        .as_deref()
+        .or(cfg.config.lora_model_dir.as_deref())
+    {
         return Some(cfg.resolve_path(d));
     }
     let out = cfg.output_dir();

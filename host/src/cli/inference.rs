@@ -36,11 +36,18 @@ impl Prompter {
 }
 
 fn chat_template_source(cfg: &LoadedConfig, tokenizer: &ModelTokenizer) -> anyhow::Result<String> {
-    let name = cfg.config.chat_template.as_deref().unwrap_or("tokenizer_default");
+    let name = cfg
+        .config
+        .chat_template
+        .as_deref()
+        .unwrap_or("tokenizer_default");
     let from_tokenizer = || tokenizer.chat_template.clone();
     if name == "tokenizer_default" {
         return from_tokenizer().with_context(|| {
-            format!("chat_template: tokenizer_default, but {} has no chat template", tokenizer.dir.display())
+            format!(
+                "chat_template: tokenizer_default, but {} has no chat template",
+                tokenizer.dir.display()
+            )
         });
     }
     if let Some(fallback) = name.strip_prefix("tokenizer_default_fallback_") {
@@ -49,17 +56,18 @@ fn chat_template_source(cfg: &LoadedConfig, tokenizer: &ModelTokenizer) -> anyho
         }
         return chat_template::builtin(fallback)
             .map(str::to_string)
-            .with_context(|| format!("chat_template: built-in template `{fallback}` is not available yet"));
+            .with_context(|| {
+                format!("chat_template: built-in template `{fallback}` is not available yet")
+            });
     }
     if name == "jinja" {
-        let source = cfg
-            .config
-            .chat_template_jinja
-            .clone()
-            .context("chat_template: jinja needs chat_template_jinja (the template, or a path to it)")?;
+        let source = cfg.config.chat_template_jinja.clone().context(
+            "chat_template: jinja needs chat_template_jinja (the template, or a path to it)",
+        )?;
         let path = cfg.resolve_path(&source);
         if !source.contains("{%") && !source.contains("{{") && path.is_file() {
-            return std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()));
+            return std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()));
         }
         return Ok(source);
     }
@@ -73,12 +81,24 @@ fn dataset_format(cfg: &LoadedConfig) -> Option<InstructStrategy> {
     let ds = cfg.config.datasets.as_ref()?.first()?;
     match ds.kind.as_ref()? {
         DatasetType::UserDefined(p) => Some(InstructStrategy::user_defined(p, false)),
-        DatasetType::Name(name) => InstructStrategy::by_name(name, ds.conversation.as_deref(), false)?.ok(),
+        DatasetType::Name(name) => {
+            InstructStrategy::by_name(name, ds.conversation.as_deref(), false)?.ok()
+        }
     }
 }
 
-fn prompter(cfg: &LoadedConfig, args: &InferenceArgs, tokenizer: &ModelTokenizer) -> anyhow::Result<Prompter> {
-    let dataset_is_chat = cfg.config.datasets.as_ref().and_then(|d| d.first()).and_then(|d| d.type_name()) == Some("chat_template");
+fn prompter(
+    cfg: &LoadedConfig,
+    args: &InferenceArgs,
+    tokenizer: &ModelTokenizer,
+) -> anyhow::Result<Prompter> {
+    let dataset_is_chat = cfg
+        .config
+        .datasets
+        .as_ref()
+        .and_then(|d| d.first())
+        .and_then(|d| d.type_name())
+        == Some("chat_template");
     let choice = match args.prompter.as_deref() {
         Some(p) => p.to_ascii_lowercase(),
         None if cfg.config.chat_template.is_some() || dataset_is_chat => "chat".into(),
@@ -97,10 +117,13 @@ fn prompter(cfg: &LoadedConfig, args: &InferenceArgs, tokenizer: &ModelTokenizer
             Prompter::Chat(Box::new(ChatTemplate::new(&source)?), special)
         }
         "dataset" => Prompter::Instruct(Box::new(
-            dataset_format(cfg).context("--prompter dataset: the first dataset has no instruction format")?,
+            dataset_format(cfg)
+                .context("--prompter dataset: the first dataset has no instruction format")?,
         )),
         "alpaca" => Prompter::Instruct(Box::new(
-            InstructStrategy::by_name("alpaca", None, false).expect("alpaca is built in").map_err(anyhow::Error::msg)?,
+            InstructStrategy::by_name("alpaca", None, false)
+                .expect("alpaca is built in")
+                .map_err(anyhow::Error::msg)?,
         )),
         "none" | "raw" => Prompter::Raw,
         other => bail!("--prompter {other}: expected chat, dataset, alpaca or none"),
@@ -148,7 +171,9 @@ pub fn run(args: InferenceArgs) -> anyhow::Result<()> {
             eprintln!("Give me an instruction (Ctrl + D to submit):");
         }
         let mut input = String::new();
-        std::io::stdin().read_to_string(&mut input).context("reading the prompt from standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .context("reading the prompt from standard input")?;
         let input = input.trim_end_matches('\n');
         if input.trim().is_empty() {
             if !interactive {
@@ -164,7 +189,10 @@ pub fn run(args: InferenceArgs) -> anyhow::Result<()> {
         decoder.generate(&ids, &params, &stop, &mut |id| {
             match stream.push(id, |all| tokenizer.decode(all, true)) {
                 Ok(Some(piece)) => {
-                    if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+                    if let Err(e) = stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| stdout.flush())
+                    {
                         write_error = Some(e);
                         return false;
                     }

@@ -68,7 +68,11 @@ pub struct PreprocessArgs {
     #[arg(long)]
     pub debug: bool,
     /// How many examples `--debug` shows.
-    #[arg(long = "debug-num-examples", alias = "debug_num_examples", default_value_t = 1)]
+    #[arg(
+        long = "debug-num-examples",
+        alias = "debug_num_examples",
+        default_value_t = 1
+    )]
     pub debug_num_examples: usize,
     /// With `--debug`: one JSON object per example (`text`, `input_ids`, `labels`).
     #[arg(long, requires = "debug")]
@@ -84,7 +88,11 @@ pub struct InferenceArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Upper bound on generated tokens.
-    #[arg(long = "max-new-tokens", alias = "max_new_tokens", default_value_t = 1024)]
+    #[arg(
+        long = "max-new-tokens",
+        alias = "max_new_tokens",
+        default_value_t = 1024
+    )]
     pub max_new_tokens: usize,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.9)]
@@ -96,7 +104,11 @@ pub struct InferenceArgs {
     #[arg(long = "top-k", alias = "top_k", default_value_t = 40)]
     pub top_k: usize,
     /// Repetition penalty (1 = off).
-    #[arg(long = "repetition-penalty", alias = "repetition_penalty", default_value_t = 1.1)]
+    #[arg(
+        long = "repetition-penalty",
+        alias = "repetition_penalty",
+        default_value_t = 1.1
+    )]
     pub repetition_penalty: f64,
     /// Always take the most likely token.
     #[arg(long)]
@@ -123,6 +135,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 impl ModelArgs {
     fn overrides(&self) -> crate::setup::ModelOverrides {
-        crate::setup::ModelOverrides { base_model: self.base_model.clone(), lora_model_dir: self.lora_model_dir.clone() }
+        crate::setup::ModelOverrides {
+            base_model: self.base_model.clone(),
+            lora_model_dir: self.lora_model_dir.clone(),
+        }
     }
 }

@@ -35,7 +35,11 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
         );
     }
     if status.reused {
-        eprintln!("reused the prepared dataset in {} ({} examples)", status.dir.display(), prepared.examples.len());
+        eprintln!(
+            "reused the prepared dataset in {} ({} examples)",
+            status.dir.display(),
+            prepared.examples.len()
+        );
     } else {
         eprintln!(
             "prepared {} examples from {rows} rows in {secs:.2} s ({:.0} rows/s) into {}",
@@ -59,15 +63,25 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
         let shown = &prepared.examples[..args.debug_num_examples.min(prepared.examples.len())];
         let mut out = std::io::stdout().lock();
         if args.json {
-            cache::write_json_lines(&mut out, shown, &|ids| tokenizer.decode(ids, false).unwrap_or_default())?;
+            cache::write_json_lines(&mut out, shown, &|ids| {
+                tokenizer.decode(ids, false).unwrap_or_default()
+            })?;
         } else {
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             for (i, example) in shown.iter().enumerate() {
-                writeln!(out, "--- example {i}: {} tokens, {} trained ---", example.len(), example.trained())?;
+                writeln!(
+                    out,
+                    "--- example {i}: {} tokens, {} trained ---",
+                    example.len(),
+                    example.trained()
+                )?;
                 writeln!(out, "{}", render_tokens(example, &tokenizer, color))?;
             }
             if !color {
-                writeln!(out, "(tokens in [brackets] are masked (label -100); the others are trained)")?;
+                writeln!(
+                    out,
+                    "(tokens in [brackets] are masked (label -100); the others are trained)"
+                )?;
             }
         }
     }
@@ -76,13 +90,26 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
 
 /// One line per example: each token's text followed by `(label, id)`; trained tokens green,
 /// masked ones red (label 0 yellow) on a terminal, masked ones in `[brackets]` otherwise.
-pub fn render_tokens(example: &data::example::Tokenized, tokenizer: &ModelTokenizer, color: bool) -> String {
+pub fn render_tokens(
+    example: &data::example::Tokenized,
+    tokenizer: &ModelTokenizer,
+    color: bool,
+) -> String {
     let mut line = String::new();
     for (id, label) in example.input_ids.iter().zip(&example.labels) {
-        let text = tokenizer.decode(&[*id], false).unwrap_or_default().replace('\n', "\\n");
+        let text = tokenizer
+            .decode(&[*id], false)
+            .unwrap_or_default()
+            .replace('\n', "\\n");
         let masked = *label == IGNORE_INDEX;
         if color {
-            let c = if masked { RED } else if *label == 0 { YELLOW } else { GREEN };
+            let c = if masked {
+                RED
+            } else if *label == 0 {
+                YELLOW
+            } else {
+                GREEN
+            };
             line.push_str(&format!("{c}{text}{RESET}{DIM}({label}, {id}){RESET} "));
         } else if masked {
             line.push_str(&format!("[{text}]({label}, {id}) "));

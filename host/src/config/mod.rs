@@ -37,7 +37,12 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(f, "{}: {n} problem{}", self.path.display(), if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.path.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             match p.line {
                 Some(line) => write!(f, "\n  line {line}: {}: {}", p.key, p.message)?,
@@ -272,9 +277,12 @@ pub struct LoadedConfig {
 }
 
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| {
-        l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
-    }).map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
 }
 
 /// The line of `key` inside entry `index` of the list under top-level key `list`.
@@ -293,7 +301,11 @@ fn nested_line(text: &str, list: &str, index: usize, key: &str) -> Option<usize>
             }
             None => trimmed,
         };
-        if entry == Some(index) && body.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':')) {
+        if entry == Some(index)
+            && body
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+        {
             return Some(i + 1);
         }
     }
@@ -304,13 +316,21 @@ fn check_datasets(list: &str, value: &Value, text: &str) -> Vec<Problem> {
     let mut problems = Vec::new();
     let Value::Sequence(entries) = value else {
         if !value.is_null() {
-            problems.push(Problem { key: list.into(), line: line_of(text, list), message: "expected a list of datasets".into() });
+            problems.push(Problem {
+                key: list.into(),
+                line: line_of(text, list),
+                message: "expected a list of datasets".into(),
+            });
         }
         return problems;
     };
     for (index, entry) in entries.iter().enumerate() {
         let Value::Mapping(map) = entry else {
-            problems.push(Problem { key: format!("{list}[{index}]"), line: line_of(text, list), message: "expected a mapping of dataset keys".into() });
+            problems.push(Problem {
+                key: format!("{list}[{index}]"),
+                line: line_of(text, list),
+                message: "expected a mapping of dataset keys".into(),
+            });
             continue;
         };
         for (key, value) in map {
@@ -318,12 +338,20 @@ fn check_datasets(list: &str, value: &Value, text: &str) -> Vec<Problem> {
             let path = format!("{list}[{index}].{name}");
             let line = nested_line(text, list, index, name);
             if let Some((_, why)) = UNIMPLEMENTED_DATASET_KEYS.iter().find(|(k, _)| *k == name) {
-                problems.push(Problem { key: path, line, message: format!("not implemented yet: {why}") });
+                problems.push(Problem {
+                    key: path,
+                    line,
+                    message: format!("not implemented yet: {why}"),
+                });
             } else if DATASET_KEYS.contains(&name) {
                 let mut single = Mapping::new();
                 single.insert(key.clone(), value.clone());
                 if let Err(e) = serde_yaml::from_value::<DatasetConfig>(Value::Mapping(single)) {
-                    problems.push(Problem { key: path, line, message: clean_message(e.to_string()) });
+                    problems.push(Problem {
+                        key: path,
+                        line,
+                        message: clean_message(e.to_string()),
+                    });
                 }
             } else {
                 let hint = DATASET_KEYS
@@ -333,7 +361,11 @@ fn check_datasets(list: &str, value: &Value, text: &str) -> Vec<Problem> {
                     .max_by(|a, b| a.0.total_cmp(&b.0))
                     .map(|(_, k)| format!("; did you mean `{k}`?"))
                     .unwrap_or_default();
-                problems.push(Problem { key: path, line, message: format!("unknown dataset key{hint}") });
+                problems.push(Problem {
+                    key: path,
+                    line,
+                    message: format!("unknown dataset key{hint}"),
+                });
             }
         }
     }
@@ -363,28 +395,50 @@ impl LoadedConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let fail = |message: String, line: Option<usize>| ConfigError {
             path: path.to_path_buf(),
-            problems: vec![Problem { key: "(file)".into(), line, message }],
+            problems: vec![Problem {
+                key: "(file)".into(),
+                line,
+                message,
+            }],
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}"), None))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}"), None))?;
         Self::from_str(&text, path)
     }
 
     /// Validates the text of a configuration file; `path` names it in errors.
     pub fn from_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let error = |problems| ConfigError { path: path.to_path_buf(), problems };
+        let error = |problems| ConfigError {
+            path: path.to_path_buf(),
+            problems,
+        };
         let root: Value = serde_yaml::from_str(text).map_err(|e| {
             let line = e.location().map(|l| l.line());
-            error(vec![Problem { key: "(syntax)".into(), line, message: clean_message(e.to_string()) }])
+            error(vec![Problem {
+                key: "(syntax)".into(),
+                line,
+                message: clean_message(e.to_string()),
+            }])
         })?;
         let mapping = match root {
             Value::Mapping(m) => m,
             Value::Null => Mapping::new(),
-            _ => return Err(error(vec![Problem { key: "(file)".into(), line: None, message: "expected a mapping of keys to values".into() }])),
+            _ => {
+                return Err(error(vec![Problem {
+                    key: "(file)".into(),
+                    line: None,
+                    message: "expected a mapping of keys to values".into(),
+                }]))
+            }
         };
         let mut problems = Vec::new();
         for (key, value) in &mapping {
             let Some(name) = key.as_str() else {
-                problems.push(Problem { key: format!("{key:?}"), line: None, message: "keys must be strings".into() });
+                problems.push(Problem {
+                    key: format!("{key:?}"),
+                    line: None,
+                    message: "keys must be strings".into(),
+                });
                 continue;
             };
             let line = line_of(text, name);
@@ -396,34 +450,62 @@ impl LoadedConfig {
                 let mut single = Mapping::new();
                 single.insert(key.clone(), value.clone());
                 if let Err(e) = serde_yaml::from_value::<AxlConfig>(Value::Mapping(single)) {
-                    problems.push(Problem { key: name.into(), line, message: clean_message(e.to_string()) });
+                    problems.push(Problem {
+                        key: name.into(),
+                        line,
+                        message: clean_message(e.to_string()),
+                    });
                 }
             } else if !axolotl_keys::AXOLOTL_KEYS.contains(&name) {
-                let hint = nearest_key(name).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
-                problems.push(Problem { key: name.into(), line, message: format!("unknown key{hint}") });
+                let hint = nearest_key(name)
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_default();
+                problems.push(Problem {
+                    key: name.into(),
+                    line,
+                    message: format!("unknown key{hint}"),
+                });
             }
         }
         if !problems.is_empty() {
             return Err(error(problems));
         }
-        let config: AxlConfig = serde_yaml::from_value(Value::Mapping(mapping))
-            .map_err(|e| error(vec![Problem { key: "(file)".into(), line: None, message: clean_message(e.to_string()) }]))?;
+        let config: AxlConfig = serde_yaml::from_value(Value::Mapping(mapping)).map_err(|e| {
+            error(vec![Problem {
+                key: "(file)".into(),
+                line: None,
+                message: clean_message(e.to_string()),
+            }])
+        })?;
         let problems = validate(&config, text);
         if !problems.is_empty() {
             return Err(error(problems));
         }
         let base_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        Ok(Self { config, path: path.to_path_buf(), base_dir })
+        Ok(Self {
+            config,
+            path: path.to_path_buf(),
+            base_dir,
+        })
     }
 
     /// `p` resolved against the working directory of the run, with `~` expanded.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
         let expanded = match p.strip_prefix("~/") {
-            Some(rest) => std::env::var("HOME").map(|h| PathBuf::from(h).join(rest)).unwrap_or_else(|_| PathBuf::from(p)),
+            Some(rest) => std::env::var("HOME")
+                .map(|h| PathBuf::from(h).join(rest))
+                .unwrap_or_else(|_| PathBuf::from(p)),
             None => PathBuf::from(p),
         };
-        let joined = if expanded.is_absolute() { expanded } else { self.base_dir.join(expanded) };
-        joined.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+        let joined = if expanded.is_absolute() {
+            expanded
+        } else {
+            self.base_dir.join(expanded)
+        };
+        joined
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect()
     }
 
     /// `output_dir`, resolved.
@@ -463,7 +545,13 @@ fn lora_settings(c: &AxlConfig) -> Option<LoraSettings> {
 
 fn validate(c: &AxlConfig, text: &str) -> Vec<Problem> {
     let mut problems = Vec::new();
-    let mut add = |key: &str, message: String| problems.push(Problem { key: key.into(), line: line_of(text, key), message });
+    let mut add = |key: &str, message: String| {
+        problems.push(Problem {
+            key: key.into(),
+            line: line_of(text, key),
+            message,
+        })
+    };
     match c.adapter.as_deref() {
         None | Some("lora") => {}
         Some("qlora") => add("adapter", "`qlora` needs 4-bit quantized base weights, which axl does not implement yet; use `lora`".into()),
@@ -477,7 +565,10 @@ fn validate(c: &AxlConfig, text: &str) -> Vec<Problem> {
             add("lora_r", "must be at least 1".into());
         }
         if c.lora_target_linear != Some(true) && c.lora_target_modules.is_none() {
-            add("lora_target_modules", "set lora_target_modules, or lora_target_linear: true".into());
+            add(
+                "lora_target_modules",
+                "set lora_target_modules, or lora_target_linear: true".into(),
+            );
         }
         if let Some(d) = c.lora_dropout {
             if !(0.0..1.0).contains(&d) {
@@ -486,16 +577,36 @@ fn validate(c: &AxlConfig, text: &str) -> Vec<Problem> {
         }
     }
     for (key, on, why) in [
-        ("load_in_8bit", c.load_in_8bit, "8-bit quantized loading is not implemented yet"),
-        ("load_in_4bit", c.load_in_4bit, "4-bit quantized loading is not implemented yet"),
-        ("peft_use_dora", c.peft_use_dora, "DoRA is not implemented yet"),
-        ("lora_fan_in_fan_out", c.lora_fan_in_fan_out, "Conv1D (fan-in/fan-out) weights are not supported by the implemented architectures"),
+        (
+            "load_in_8bit",
+            c.load_in_8bit,
+            "8-bit quantized loading is not implemented yet",
+        ),
+        (
+            "load_in_4bit",
+            c.load_in_4bit,
+            "4-bit quantized loading is not implemented yet",
+        ),
+        (
+            "peft_use_dora",
+            c.peft_use_dora,
+            "DoRA is not implemented yet",
+        ),
+        (
+            "lora_fan_in_fan_out",
+            c.lora_fan_in_fan_out,
+            "Conv1D (fan-in/fan-out) weights are not supported by the implemented architectures",
+        ),
     ] {
         if on == Some(true) {
             add(key, why.into());
         }
     }
-    if c.pretraining_dataset.as_ref().is_some_and(|d| !d.is_empty()) && c.max_steps.is_none() {
+    if c.pretraining_dataset
+        .as_ref()
+        .is_some_and(|d| !d.is_empty())
+        && c.max_steps.is_none()
+    {
         add("max_steps", "required with pretraining_dataset: a streamed dataset has no length to derive the number of steps from".into());
     }
     if c.sequence_len == 0 {
@@ -516,7 +627,10 @@ mod tests {
     fn axolotl_lora_yaml_reads_with_axolotl_defaults() {
         let c = load("base_model: ./models/SmolLM2-135M\nadapter: lora\nlora_r: 16\nlora_alpha: 32\nlora_target_linear: true\nlearning_rate: 0.0002\n").unwrap();
         let lora = c.lora_settings().unwrap();
-        assert_eq!((lora.r, lora.alpha, lora.target), (16, 32.0, TargetModules::AllLinear));
+        assert_eq!(
+            (lora.r, lora.alpha, lora.target),
+            (16, 32.0, TargetModules::AllLinear)
+        );
         assert_eq!(c.config.output_dir, "./model-out");
         assert_eq!(c.config.sequence_len, 512);
     }
@@ -526,13 +640,22 @@ mod tests {
         let err = load("base_model: x\nlora_r: sixteen\nlora_alpah: 32\nadapter: lora\nlora_target_linear: true\n").unwrap_err();
         let text = err.to_string();
         assert!(text.contains("line 2: lora_r: invalid type"), "{text}");
-        assert!(text.contains("line 3: lora_alpah: unknown key; did you mean `lora_alpha`?"), "{text}");
+        assert!(
+            text.contains("line 3: lora_alpah: unknown key; did you mean `lora_alpha`?"),
+            "{text}"
+        );
         assert_eq!(err.problems.len(), 2, "{text}");
     }
 
     #[test]
     fn unimplemented_features_are_errors_not_silence() {
         let err = load("base_model: x\nadapter: qlora\nload_in_4bit: true\n").unwrap_err();
-        assert_eq!(err.problems.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), vec!["adapter", "load_in_4bit"]);
+        assert_eq!(
+            err.problems
+                .iter()
+                .map(|p| p.key.as_str())
+                .collect::<Vec<_>>(),
+            vec!["adapter", "load_in_4bit"]
+        );
     }
 }

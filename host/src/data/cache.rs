@@ -19,7 +19,12 @@ const MAGIC: &[u8; 8] = b"AXLDATA2";
 /// Bumped whenever formatting or tokenization changes what a row becomes.
 const FORMAT_VERSION: &str = "1";
 /// Files of a tokenizer directory that shape tokenization and templates.
-const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"];
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
 
 /// Incrementally computes a cache key.
 pub struct CacheKey(Sha256);
@@ -28,7 +33,10 @@ impl CacheKey {
     /// A key covering the settings and the dataset entries.
     pub fn new(settings: &DataSettings, datasets: &[DatasetConfig]) -> Self {
         let mut h = Sha256::new();
-        h.update(format!("axl {} data format {FORMAT_VERSION}\n", env!("CARGO_PKG_VERSION")));
+        h.update(format!(
+            "axl {} data format {FORMAT_VERSION}\n",
+            env!("CARGO_PKG_VERSION")
+        ));
         h.update(serde_json::to_string(settings).unwrap_or_default());
         h.update(serde_json::to_string(datasets).unwrap_or_default());
         Self(h)
@@ -36,12 +44,15 @@ impl CacheKey {
 
     /// Adds a file's name and contents.
     pub fn add_file(&mut self, path: &Path) -> Result<()> {
-        let mut file = std::fs::File::open(path).map_err(|e| DataError::msg(format!("cannot read: {e}")).at(path, None))?;
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| DataError::msg(format!("cannot read: {e}")).at(path, None))?;
         self.0.update(path.to_string_lossy().as_bytes());
         self.0.update([0]);
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = file.read(&mut buf).map_err(|e| DataError::msg(format!("cannot read: {e}")).at(path, None))?;
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| DataError::msg(format!("cannot read: {e}")).at(path, None))?;
             if n == 0 {
                 break;
             }
@@ -69,7 +80,11 @@ impl CacheKey {
 
     /// The key, as hex.
     pub fn finish(self) -> String {
-        self.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        self.0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -100,7 +115,11 @@ fn encode_example(e: &Tokenized, out: &mut Vec<u8>) {
         out.extend_from_slice(&id.to_le_bytes());
     }
     // Labels are almost always "the id where trained, -100 elsewhere": one bit per token.
-    let from_mask = e.input_ids.iter().zip(&e.labels).all(|(id, l)| *l == IGNORE_INDEX || *l == *id as i64);
+    let from_mask = e
+        .input_ids
+        .iter()
+        .zip(&e.labels)
+        .all(|(id, l)| *l == IGNORE_INDEX || *l == *id as i64);
     if from_mask {
         out.push(LABELS_FROM_MASK);
         let mut bits = vec![0u8; e.len().div_ceil(8)];
@@ -136,8 +155,10 @@ pub fn store(dir: &Path, prepared: &Prepared) -> Result<()> {
     })
     .map_err(|e| DataError::msg(format!("cannot write: {e}")).at(&path, None))?;
     let report = report_file(dir);
-    let json = serde_json::to_value(&prepared.reports).map_err(|e| DataError::msg(e.to_string()))?;
-    fsio::write_json_atomic(&report, &json).map_err(|e| DataError::msg(format!("cannot write: {e}")).at(&report, None))
+    let json =
+        serde_json::to_value(&prepared.reports).map_err(|e| DataError::msg(e.to_string()))?;
+    fsio::write_json_atomic(&report, &json)
+        .map_err(|e| DataError::msg(format!("cannot write: {e}")).at(&report, None))
 }
 
 /// Loads a prepared dataset from `dir`, if a complete one is there.
@@ -147,12 +168,19 @@ pub fn load(dir: &Path) -> Result<Option<Prepared>> {
     if !report.is_file() || !path.is_file() {
         return Ok(None);
     }
-    let corrupt = |m: &str| DataError::msg(format!("corrupt prepared dataset ({m}); delete it to rebuild")).at(&path, None);
+    let corrupt = |m: &str| {
+        DataError::msg(format!(
+            "corrupt prepared dataset ({m}); delete it to rebuild"
+        ))
+        .at(&path, None)
+    };
     let reports: Vec<DatasetReport> = serde_json::from_str(
-        &std::fs::read_to_string(&report).map_err(|e| DataError::msg(e.to_string()).at(&report, None))?,
+        &std::fs::read_to_string(&report)
+            .map_err(|e| DataError::msg(e.to_string()).at(&report, None))?,
     )
     .map_err(|_| corrupt("report.json"))?;
-    let bytes = std::fs::read(&path).map_err(|e| DataError::msg(format!("cannot read: {e}")).at(&path, None))?;
+    let bytes = std::fs::read(&path)
+        .map_err(|e| DataError::msg(format!("cannot read: {e}")).at(&path, None))?;
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(corrupt("bad header"));
     }
@@ -166,14 +194,23 @@ pub fn load(dir: &Path) -> Result<Option<Prepared>> {
     let mut examples = Vec::with_capacity(count.min(1 << 24));
     for _ in 0..count {
         let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-        let input_ids: Vec<u32> = take(4 * len)?.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let input_ids: Vec<u32> = take(4 * len)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
         let labels = match take(1)?[0] {
             LABELS_FROM_MASK => {
                 let bits = take(len.div_ceil(8))?;
                 input_ids
                     .iter()
                     .enumerate()
-                    .map(|(i, id)| if bits[i / 8] & (1 << (i % 8)) != 0 { *id as i64 } else { IGNORE_INDEX })
+                    .map(|(i, id)| {
+                        if bits[i / 8] & (1 << (i % 8)) != 0 {
+                            *id as i64
+                        } else {
+                            IGNORE_INDEX
+                        }
+                    })
                     .collect()
             }
             LABELS_EXPLICIT => take(4 * len)?
@@ -188,7 +225,11 @@ pub fn load(dir: &Path) -> Result<Option<Prepared>> {
 }
 
 /// Writes examples as JSON lines (`text`, `input_ids`, `labels`) for scripts.
-pub fn write_json_lines(out: &mut dyn Write, examples: &[Tokenized], decode: &dyn Fn(&[u32]) -> String) -> std::io::Result<()> {
+pub fn write_json_lines(
+    out: &mut dyn Write,
+    examples: &[Tokenized],
+    decode: &dyn Fn(&[u32]) -> String,
+) -> std::io::Result<()> {
     for e in examples {
         let line = serde_json::json!({"text": decode(&e.input_ids), "input_ids": e.input_ids, "labels": e.labels});
         writeln!(out, "{line}")?;

@@ -54,17 +54,29 @@ pub struct ChatStrategy {
 
 impl std::fmt::Debug for ChatStrategy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatStrategy").field("field_messages", &self.field_messages).field("roles", &self.roles).finish()
+        f.debug_struct("ChatStrategy")
+            .field("field_messages", &self.field_messages)
+            .field("roles", &self.roles)
+            .finish()
     }
 }
 
 /// The source of the chat template a dataset uses: the dataset's `chat_template`, else the
 /// top-level one, else the tokenizer's.
-pub fn template_source(ds_template: Option<&str>, ds_jinja: Option<&str>, ctx: &StrategyContext) -> Result<String> {
+pub fn template_source(
+    ds_template: Option<&str>,
+    ds_jinja: Option<&str>,
+    ctx: &StrategyContext,
+) -> Result<String> {
     // A dataset-level `tokenizer_default` means the tokenizer's template as the top level set
     // it: the top-level chat_template, when there is one.
-    let ds_template = ds_template.filter(|t| !(*t == "tokenizer_default" && ctx.chat_template.is_some()));
-    let (name, jinja) = match ds_template.or(if ds_jinja.is_some() { Some("jinja") } else { None }) {
+    let ds_template =
+        ds_template.filter(|t| !(*t == "tokenizer_default" && ctx.chat_template.is_some()));
+    let (name, jinja) = match ds_template.or(if ds_jinja.is_some() {
+        Some("jinja")
+    } else {
+        None
+    }) {
         Some(n) => (n, ds_jinja.or(ctx.chat_template_jinja)),
         None => match ctx.chat_template {
             Some(n) => (n, ctx.chat_template_jinja),
@@ -91,10 +103,16 @@ pub fn template_source(ds_template: Option<&str>, ds_jinja: Option<&str>, ctx: &
         };
     }
     if name == "jinja" {
-        let source = jinja.ok_or_else(|| err("chat_template: jinja needs chat_template_jinja (the template, or a path to it)".into()))?;
+        let source = jinja.ok_or_else(|| {
+            err(
+                "chat_template: jinja needs chat_template_jinja (the template, or a path to it)"
+                    .into(),
+            )
+        })?;
         let path = ctx.base_dir.join(source);
         if !source.contains("{{") && !source.contains("{%") && path.is_file() {
-            return std::fs::read_to_string(&path).map_err(|e| DataError::msg(format!("cannot read: {e}")).at(path, None));
+            return std::fs::read_to_string(&path)
+                .map_err(|e| DataError::msg(format!("cannot read: {e}")).at(path, None));
         }
         return Ok(source.to_string());
     }
@@ -109,8 +127,13 @@ pub fn template_source(ds_template: Option<&str>, ds_jinja: Option<&str>, ctx: &
 impl ChatStrategy {
     /// The strategy of a dataset.
     pub fn new(ds: &DatasetConfig, ctx: &StrategyContext) -> Result<Self> {
-        let source = template_source(ds.chat_template.as_deref(), ds.chat_template_jinja.as_deref(), ctx)?;
-        let template = ChatTemplate::new(&source).map_err(|e| DataError::msg(e.to_string()).field("chat_template"))?;
+        let source = template_source(
+            ds.chat_template.as_deref(),
+            ds.chat_template_jinja.as_deref(),
+            ctx,
+        )?;
+        let template = ChatTemplate::new(&source)
+            .map_err(|e| DataError::msg(e.to_string()).field("chat_template"))?;
         let tok = ctx.tokenizer;
         let special = SpecialTokens {
             bos_token: tok.bos.as_ref().map(|t| t.0.clone()),
@@ -118,8 +141,11 @@ impl ChatStrategy {
             pad_token: tok.pad.as_ref().map(|t| t.0.clone()),
             unk_token: None,
         };
-        let mut mappings: BTreeMap<String, String> =
-            [("role".to_string(), "role".to_string()), ("content".to_string(), "content".to_string())].into();
+        let mut mappings: BTreeMap<String, String> = [
+            ("role".to_string(), "role".to_string()),
+            ("content".to_string(), "content".to_string()),
+        ]
+        .into();
         if let Some(f) = &ds.message_field_role {
             mappings.insert("role".into(), f.clone());
         }
@@ -129,8 +155,12 @@ impl ChatStrategy {
         if let Some(m) = &ds.message_property_mappings {
             mappings.extend(m.clone());
         }
-        let default_roles: [(&str, &[&str]); 4] =
-            [("user", &["human", "user"]), ("assistant", &["gpt", "assistant"]), ("system", &["system"]), ("tool", &["tool"])];
+        let default_roles: [(&str, &[&str]); 4] = [
+            ("user", &["human", "user"]),
+            ("assistant", &["gpt", "assistant"]),
+            ("system", &["system"]),
+            ("tool", &["tool"]),
+        ];
         let mut roles = BTreeMap::new();
         match &ds.roles {
             Some(custom) => {
@@ -166,10 +196,16 @@ impl ChatStrategy {
         Ok(Self {
             template,
             special,
-            field_messages: ds.field_messages.clone().unwrap_or_else(|| "messages".into()),
+            field_messages: ds
+                .field_messages
+                .clone()
+                .unwrap_or_else(|| "messages".into()),
             mappings,
             roles,
-            roles_to_train: ds.roles_to_train.clone().unwrap_or_else(|| vec!["assistant".into()]),
+            roles_to_train: ds
+                .roles_to_train
+                .clone()
+                .unwrap_or_else(|| vec!["assistant".into()]),
             train_on_eos,
             train_on_eot,
             train_on_inputs: ctx.train_on_inputs,
@@ -177,8 +213,14 @@ impl ChatStrategy {
             message_field_training_detail: ds.message_field_training_detail.clone(),
             drop_system_message: ds.drop_system_message.unwrap_or(false),
             field_tools: ds.field_tools.clone().unwrap_or_else(|| "tools".into()),
-            field_thinking: ds.field_thinking.clone().unwrap_or_else(|| "reasoning_content".into()),
-            template_thinking_key: ds.template_thinking_key.clone().unwrap_or_else(|| "reasoning_content".into()),
+            field_thinking: ds
+                .field_thinking
+                .clone()
+                .unwrap_or_else(|| "reasoning_content".into()),
+            template_thinking_key: ds
+                .template_thinking_key
+                .clone()
+                .unwrap_or_else(|| "reasoning_content".into()),
             eos,
             eot,
             split_thinking: ds.split_thinking.unwrap_or(false),
@@ -191,14 +233,22 @@ impl ChatStrategy {
         let field = &self.field_messages;
         let list = match row.fields.get(field) {
             Some(Value::Array(l)) => l,
-            Some(other) => return Err(row.field_error(field, format!("expected a list of messages, found {}", kind_of(other)))),
+            Some(other) => {
+                return Err(row.field_error(
+                    field,
+                    format!("expected a list of messages, found {}", kind_of(other)),
+                ))
+            }
             None => return Err(row.field_error(field, "missing")),
         };
         let mut out = Vec::with_capacity(list.len());
         for (i, message) in list.iter().enumerate() {
             let at = |key: &str| format!("{field}[{i}].{key}");
             let Value::Object(source) = message else {
-                return Err(row.field_error(&format!("{field}[{i}]"), format!("expected a message object, found {}", kind_of(message))));
+                return Err(row.field_error(
+                    &format!("{field}[{i}]"),
+                    format!("expected a message object, found {}", kind_of(message)),
+                ));
             };
             let mut target = Map::new();
             let mapped: Vec<&String> = self.mappings.values().collect();
@@ -229,7 +279,10 @@ impl ChatStrategy {
                 other => {
                     return Err(row.field_error(
                         &at(&self.mappings["role"]),
-                        format!("expected a role name, found {}", other.map_or("nothing", kind_of)),
+                        format!(
+                            "expected a role name, found {}",
+                            other.map_or("nothing", kind_of)
+                        ),
                     ))
                 }
             };
@@ -262,12 +315,19 @@ impl ChatStrategy {
                 match source.get(flag_field) {
                     Some(Value::Bool(b)) => training.train = *b,
                     Some(Value::Null) | None => {}
-                    Some(other) => return Err(row.field_error(&at(flag_field), format!("expected true or false, found {}", kind_of(other)))),
+                    Some(other) => {
+                        return Err(row.field_error(
+                            &at(flag_field),
+                            format!("expected true or false, found {}", kind_of(other)),
+                        ))
+                    }
                 }
             }
             if let Some(detail_field) = &self.message_field_training_detail {
                 if let Some(detail) = source.get(detail_field).filter(|v| !v.is_null()) {
-                    training.detail = Some(parse_detail(detail).map_err(|m| row.field_error(&at(detail_field), m))?);
+                    training.detail = Some(
+                        parse_detail(detail).map_err(|m| row.field_error(&at(detail_field), m))?,
+                    );
                 }
             }
             out.push((target, training));
@@ -275,9 +335,15 @@ impl ChatStrategy {
         Ok(out)
     }
 
-    fn render(&self, messages: &[Map<String, Value>], tools: Option<&Value>) -> std::result::Result<String, String> {
+    fn render(
+        &self,
+        messages: &[Map<String, Value>],
+        tools: Option<&Value>,
+    ) -> std::result::Result<String, String> {
         let list: Vec<Value> = messages.iter().map(|m| Value::Object(m.clone())).collect();
-        self.template.render_with(&list, tools, false, &self.special, &self.kwargs).map_err(|e| e.to_string())
+        self.template
+            .render_with(&list, tools, false, &self.special, &self.kwargs)
+            .map_err(|e| e.to_string())
     }
 
     /// Formats one conversation.
@@ -299,7 +365,9 @@ impl ChatStrategy {
             if !training.train && training.detail.is_none() {
                 continue;
             }
-            let span = self.content_span(&text, &plain, i, tools).map_err(|m| row.field_error(&format!("{}[{i}]", self.field_messages), m))?;
+            let span = self
+                .content_span(&text, &plain, i, tools)
+                .map_err(|m| row.field_error(&format!("{}[{i}]", self.field_messages), m))?;
             match &training.detail {
                 Some(detail) => {
                     for piece in detail.iter().filter(|d| d.train) {
@@ -320,7 +388,12 @@ impl ChatStrategy {
         }
         trainable.extend(self.end_token_spans(&text, &turn_ends));
         trainable.sort_by_key(|r| r.start);
-        Ok(Formatted::Text(TextExample { text, trainable, trainable_whole_tokens, ..TextExample::default() }))
+        Ok(Formatted::Text(TextExample {
+            text,
+            trainable,
+            trainable_whole_tokens,
+            ..TextExample::default()
+        }))
     }
 
     /// Where the content of message `i` lies in `text`, by rendering it as a sentinel.
@@ -334,12 +407,15 @@ impl ChatStrategy {
         let mut marked = messages.to_vec();
         marked[i].insert("content".into(), Value::String(SENTINEL.into()));
         let rendered = self.render(&marked, tools)?;
-        let at = rendered
-            .find(SENTINEL)
-            .ok_or("the template does not render this message's content, so its turn cannot be located")?;
+        let at = rendered.find(SENTINEL).ok_or(
+            "the template does not render this message's content, so its turn cannot be located",
+        )?;
         let prefix = &rendered[..at];
         let suffix = &rendered[at + SENTINEL.len()..];
-        if text.starts_with(prefix) && text.ends_with(suffix) && prefix.len() + suffix.len() <= text.len() {
+        if text.starts_with(prefix)
+            && text.ends_with(suffix)
+            && prefix.len() + suffix.len() <= text.len()
+        {
             Ok(prefix.len()..text.len() - suffix.len())
         } else {
             Err("the template renders this message differently depending on its content, so its turn cannot be located".into())
@@ -347,16 +423,30 @@ impl ChatStrategy {
     }
 
     /// For a trained message without text content (tool calls only): the end of its rendering.
-    fn turn_end_after(&self, text: &str, messages: &[Map<String, Value>], i: usize, tools: Option<&Value>, row: &Row) -> Result<usize> {
-        let upto = self.render(&messages[..=i], tools).map_err(|e| row.error(e))?;
-        Ok(if text.starts_with(&upto) { upto.len() } else { text.len() })
+    fn turn_end_after(
+        &self,
+        text: &str,
+        messages: &[Map<String, Value>],
+        i: usize,
+        tools: Option<&Value>,
+        row: &Row,
+    ) -> Result<usize> {
+        let upto = self
+            .render(&messages[..=i], tools)
+            .map_err(|e| row.error(e))?;
+        Ok(if text.starts_with(&upto) {
+            upto.len()
+        } else {
+            text.len()
+        })
     }
 
     /// The spans of the end-of-turn / end-of-sequence markers to train, from the ends of the
     /// turns (`(end of content, trained)`) in order.
     fn end_token_spans(&self, text: &str, turn_ends: &[(usize, bool)]) -> Vec<Range<usize>> {
         let mut markers: Vec<(Range<usize>, bool)> = Vec::new();
-        let mut candidates: Vec<(&str, bool)> = self.eot.iter().map(|t| (t.as_str(), true)).collect();
+        let mut candidates: Vec<(&str, bool)> =
+            self.eot.iter().map(|t| (t.as_str(), true)).collect();
         if let Some(eos) = &self.eos {
             if !self.eot.contains(eos) {
                 candidates.push((eos.as_str(), false));
@@ -376,8 +466,16 @@ impl ChatStrategy {
         markers.sort_by_key(|(r, _)| r.start);
         let mut out = Vec::new();
         for kind in [true, false] {
-            let policy = if kind { self.train_on_eot } else { self.train_on_eos };
-            let of_kind: Vec<&Range<usize>> = markers.iter().filter(|(_, k)| *k == kind).map(|(r, _)| r).collect();
+            let policy = if kind {
+                self.train_on_eot
+            } else {
+                self.train_on_eos
+            };
+            let of_kind: Vec<&Range<usize>> = markers
+                .iter()
+                .filter(|(_, k)| *k == kind)
+                .map(|(r, _)| r)
+                .collect();
             match policy {
                 TrainOnEnd::None => {}
                 TrainOnEnd::All => out.extend(of_kind.iter().map(|r| (*r).clone())),
@@ -389,7 +487,10 @@ impl ChatStrategy {
                         }
                         // The marker that closes the turn follows its content closely (template
                         // padding at most); a marker further away belongs to something else.
-                        if let Some(r) = of_kind.iter().find(|r| r.start >= *end && r.start - *end <= MAX_MARKER_GAP) {
+                        if let Some(r) = of_kind
+                            .iter()
+                            .find(|r| r.start >= *end && r.start - *end <= MAX_MARKER_GAP)
+                        {
                             out.push((*r).clone());
                         }
                     }
@@ -403,7 +504,11 @@ impl ChatStrategy {
 /// Splits `<think>…</think>` (or `<reasoning>…</reasoning>`, `<|begin_of_thought|>…<|end_of_thought|>`)
 /// out of assistant content: `(reasoning, answer)`, as Axolotl's `split_thinking` does.
 fn split_thinking(content: &str) -> Option<(String, String)> {
-    let pairs = [("<think>", "</think>"), ("<reasoning>", "</reasoning>"), ("<|begin_of_thought|>", "<|end_of_thought|>")];
+    let pairs = [
+        ("<think>", "</think>"),
+        ("<reasoning>", "</reasoning>"),
+        ("<|begin_of_thought|>", "<|end_of_thought|>"),
+    ];
     for (open, close) in pairs {
         if let (Some(start), Some(end)) = (content.find(open), content.find(close)) {
             if start + open.len() > end {
@@ -411,10 +516,14 @@ fn split_thinking(content: &str) -> Option<(String, String)> {
             }
             let reasoning = content[start + open.len()..end].trim().to_string();
             let rest = content[end + close.len()..].trim_start();
-            let answer = match (rest.find("<|begin_of_solution|>"), rest.find("<|end_of_solution|>")) {
-                (Some(a), Some(b)) if a + "<|begin_of_solution|>".len() <= b => {
-                    rest[a + "<|begin_of_solution|>".len()..b].trim().to_string()
-                }
+            let answer = match (
+                rest.find("<|begin_of_solution|>"),
+                rest.find("<|end_of_solution|>"),
+            ) {
+                (Some(a), Some(b)) if a + "<|begin_of_solution|>".len() <= b => rest
+                    [a + "<|begin_of_solution|>".len()..b]
+                    .trim()
+                    .to_string(),
                 _ => rest.to_string(),
             };
             return Some((reasoning, answer));
@@ -439,14 +548,19 @@ struct DetailPiece {
 }
 
 fn parse_detail(value: &Value) -> std::result::Result<Vec<DetailPiece>, String> {
-    let list = value.as_array().ok_or("expected a list of {begin_offset, end_offset, train}")?;
+    let list = value
+        .as_array()
+        .ok_or("expected a list of {begin_offset, end_offset, train}")?;
     list.iter()
         .map(|item| {
             let get = |k: &str| item.get(k).and_then(Value::as_u64).map(|n| n as usize);
             Ok(DetailPiece {
                 begin: get("begin_offset").ok_or("begin_offset missing or not an integer")?,
                 end: get("end_offset").ok_or("end_offset missing or not an integer")?,
-                train: item.get("train").and_then(Value::as_bool).ok_or("train missing or not a boolean")?,
+                train: item
+                    .get("train")
+                    .and_then(Value::as_bool)
+                    .ok_or("train missing or not a boolean")?,
             })
         })
         .collect()

@@ -190,8 +190,14 @@ pub const DATASET_KEYS: &[&str] = &[
 pub const UNIMPLEMENTED_DATASET_KEYS: &[(&str, &str)] = &[
     ("input_transform", "input transforms are not implemented"),
     ("input_format", "input formats are not implemented"),
-    ("field_human", "field_human is not implemented; use chat_template with roles"),
-    ("field_model", "field_model is not implemented; use chat_template with roles"),
+    (
+        "field_human",
+        "field_human is not implemented; use chat_template with roles",
+    ),
+    (
+        "field_model",
+        "field_model is not implemented; use chat_template with roles",
+    ),
 ];
 
 impl DatasetConfig {

@@ -60,7 +60,10 @@ impl fmt::Display for DataError {
 impl DataError {
     /// An error with only a message.
     pub fn msg(message: impl Into<String>) -> Self {
-        Self { message: message.into(), ..Self::default() }
+        Self {
+            message: message.into(),
+            ..Self::default()
+        }
     }
 
     /// Names the dataset.

@@ -97,20 +97,48 @@ type Encoded = (Vec<u32>, Vec<(usize, usize)>, Vec<u32>);
 /// Fast path: ids without offsets, then offsets from the bytes each token stands for, used
 /// only when those bytes spell `text` exactly (byte-level vocabularies without normalization);
 /// otherwise the tokenizer computes the offsets itself.
-fn encode_with_offsets(tokenizer: &ModelTokenizer, text: &str, add_special_tokens: bool) -> Result<Encoded> {
+fn encode_with_offsets(
+    tokenizer: &ModelTokenizer,
+    text: &str,
+    add_special_tokens: bool,
+) -> Result<Encoded> {
     let fail = |e: tokenizers::Error| DataError::msg(format!("tokenization failed: {e}"));
-    let fast = tokenizer.inner.encode_fast(text, add_special_tokens).map_err(fail)?;
-    if let Some(offsets) = offsets_from_bytes(tokenizer, fast.get_ids(), fast.get_special_tokens_mask(), text.as_bytes()) {
-        return Ok((fast.get_ids().to_vec(), offsets, fast.get_special_tokens_mask().to_vec()));
+    let fast = tokenizer
+        .inner
+        .encode_fast(text, add_special_tokens)
+        .map_err(fail)?;
+    if let Some(offsets) = offsets_from_bytes(
+        tokenizer,
+        fast.get_ids(),
+        fast.get_special_tokens_mask(),
+        text.as_bytes(),
+    ) {
+        return Ok((
+            fast.get_ids().to_vec(),
+            offsets,
+            fast.get_special_tokens_mask().to_vec(),
+        ));
     }
-    let full = tokenizer.inner.encode(text, add_special_tokens).map_err(fail)?;
-    Ok((full.get_ids().to_vec(), full.get_offsets().to_vec(), full.get_special_tokens_mask().to_vec()))
+    let full = tokenizer
+        .inner
+        .encode(text, add_special_tokens)
+        .map_err(fail)?;
+    Ok((
+        full.get_ids().to_vec(),
+        full.get_offsets().to_vec(),
+        full.get_special_tokens_mask().to_vec(),
+    ))
 }
 
 /// Offsets of `ids` in `text` from the bytes of each token, if they spell `text` exactly.
 /// Tokens the post-processor added (special, and spelling nothing of the text here) get an
 /// empty range at their position.
-fn offsets_from_bytes(tokenizer: &ModelTokenizer, ids: &[u32], special: &[u32], text: &[u8]) -> Option<Vec<(usize, usize)>> {
+fn offsets_from_bytes(
+    tokenizer: &ModelTokenizer,
+    ids: &[u32],
+    special: &[u32],
+    text: &[u8],
+) -> Option<Vec<(usize, usize)>> {
     let table = tokenizer.token_bytes();
     let mut offsets = Vec::with_capacity(ids.len());
     let mut at = 0usize;
@@ -129,7 +157,11 @@ fn offsets_from_bytes(tokenizer: &ModelTokenizer, ids: &[u32], special: &[u32], 
 }
 
 /// Tokenizes a formatted example into one or more tokenized examples (several when chunked).
-pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: usize) -> Result<Vec<Tokenized>> {
+pub fn tokenize(
+    formatted: Formatted,
+    tokenizer: &ModelTokenizer,
+    sequence_len: usize,
+) -> Result<Vec<Tokenized>> {
     let example = match formatted {
         Formatted::Tokens { input_ids, labels } => {
             if input_ids.len() != labels.len() {
@@ -143,14 +175,19 @@ pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: 
         }
         Formatted::Text(t) => t,
     };
-    let (ids, offsets, special) = encode_with_offsets(tokenizer, &example.text, example.add_special_tokens)?;
+    let (ids, offsets, special) =
+        encode_with_offsets(tokenizer, &example.text, example.add_special_tokens)?;
     let mut input_ids = Vec::with_capacity(ids.len() + 2);
     let mut labels = Vec::with_capacity(ids.len() + 2);
     if example.add_special_tokens && tokenizer.add_bos_token {
         if let Some((_, bos)) = &tokenizer.bos {
             if ids.first() != Some(bos) {
                 input_ids.push(*bos);
-                labels.push(if example.train_all { *bos as i64 } else { IGNORE_INDEX });
+                labels.push(if example.train_all {
+                    *bos as i64
+                } else {
+                    IGNORE_INDEX
+                });
             }
         }
     }
@@ -167,19 +204,24 @@ pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: 
         let trained = example.train_all
             || (!added_by_tokenizer
                 && (example.trainable.iter().any(overlaps)
-                    || example.trainable_whole_tokens.iter().any(|r| r.start <= start && end <= r.end)));
+                    || example
+                        .trainable_whole_tokens
+                        .iter()
+                        .any(|r| r.start <= start && end <= r.end)));
         input_ids.push(id);
         labels.push(if trained { id as i64 } else { IGNORE_INDEX });
     }
     if let Some(train_eos) = example.append_eos {
-        let eos = tokenizer
-            .eos
-            .as_ref()
-            .map(|e| e.1)
-            .ok_or_else(|| DataError::msg("the tokenizer has no eos_token to append; set special_tokens.eos_token"))?;
+        let eos = tokenizer.eos.as_ref().map(|e| e.1).ok_or_else(|| {
+            DataError::msg("the tokenizer has no eos_token to append; set special_tokens.eos_token")
+        })?;
         if input_ids.last() != Some(&eos) {
             input_ids.push(eos);
-            labels.push(if train_eos || example.train_all { eos as i64 } else { IGNORE_INDEX });
+            labels.push(if train_eos || example.train_all {
+                eos as i64
+            } else {
+                IGNORE_INDEX
+            });
         }
     }
     let all = Tokenized { input_ids, labels };
@@ -190,7 +232,10 @@ pub fn tokenize(formatted: Formatted, tokenizer: &ModelTokenizer, sequence_len: 
         .input_ids
         .chunks(sequence_len)
         .zip(all.labels.chunks(sequence_len))
-        .map(|(i, l)| Tokenized { input_ids: i.to_vec(), labels: l.to_vec() })
+        .map(|(i, l)| Tokenized {
+            input_ids: i.to_vec(),
+            labels: l.to_vec(),
+        })
         .collect())
 }
 
@@ -212,7 +257,8 @@ mod tests {
 
     #[test]
     fn offsets_from_token_bytes_equal_the_tokenizers_own() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
         let tokenizer = ModelTokenizer::load(&dir).unwrap();
         let texts = [
             "Hello world",
@@ -227,11 +273,19 @@ mod tests {
                 let full = tokenizer.inner.encode(text, add_special).unwrap();
                 let fast = tokenizer.inner.encode_fast(text, add_special).unwrap();
                 assert_eq!(fast.get_ids(), full.get_ids());
-                let offsets = offsets_from_bytes(&tokenizer, fast.get_ids(), fast.get_special_tokens_mask(), text.as_bytes())
-                    .unwrap_or_else(|| panic!("fast path refused {text:?}"));
+                let offsets = offsets_from_bytes(
+                    &tokenizer,
+                    fast.get_ids(),
+                    fast.get_special_tokens_mask(),
+                    text.as_bytes(),
+                )
+                .unwrap_or_else(|| panic!("fast path refused {text:?}"));
                 // Byte-exact where the tokenizer widens partial characters to whole ones; the
                 // same tokens overlap every character-aligned range either way.
-                let widened: Vec<(usize, usize)> = offsets.iter().map(|o| to_char_boundaries(text, *o)).collect();
+                let widened: Vec<(usize, usize)> = offsets
+                    .iter()
+                    .map(|o| to_char_boundaries(text, *o))
+                    .collect();
                 assert_eq!(widened, full.get_offsets(), "{text:?}");
             }
         }

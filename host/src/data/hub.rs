@@ -54,15 +54,30 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 fn pick(files: &[String], split: &str, name: Option<&str>, data_files: &[String]) -> Vec<String> {
     if !data_files.is_empty() {
-        let patterns: Vec<glob::Pattern> = data_files.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect();
-        return files.iter().filter(|f| patterns.iter().any(|p| p.matches(f))).cloned().collect();
+        let patterns: Vec<glob::Pattern> = data_files
+            .iter()
+            .filter_map(|p| glob::Pattern::new(p).ok())
+            .collect();
+        return files
+            .iter()
+            .filter(|f| patterns.iter().any(|p| p.matches(f)))
+            .cloned()
+            .collect();
     }
-    let matching: Vec<String> = files.iter().filter(|f| belongs_to(f, split, name)).cloned().collect();
+    let matching: Vec<String> = files
+        .iter()
+        .filter(|f| belongs_to(f, split, name))
+        .cloned()
+        .collect();
     if !matching.is_empty() || split != "train" {
         return matching;
     }
     // A repository with data files but no split names holds one split, train.
-    files.iter().filter(|f| Format::from_path(Path::new(f)).is_some() && !f.starts_with('.')).cloned().collect()
+    files
+        .iter()
+        .filter(|f| Format::from_path(Path::new(f)).is_some() && !f.starts_with('.'))
+        .cloned()
+        .collect()
 }
 
 /// The local files of a Hub dataset's split, from the cache or downloaded.
@@ -83,7 +98,12 @@ pub fn dataset_files(
                 }
                 looked_in.push(format!("{} (no files of split `{split}`)", dir.display()));
             }
-            None => looked_in.push(format!("{} (Hugging Face cache)", cache.join(format!("datasets--{}", id.replace('/', "--"))).display())),
+            None => looked_in.push(format!(
+                "{} (Hugging Face cache)",
+                cache
+                    .join(format!("datasets--{}", id.replace('/', "--")))
+                    .display()
+            )),
         }
     }
     if hub.offline {
@@ -97,12 +117,26 @@ pub fn dataset_files(
     }
     Err(DataError::msg(format!(
         "dataset `{id}` not found locally; looked in:\n{}",
-        looked_in.iter().map(|l| format!("  - {l}")).collect::<Vec<_>>().join("\n")
+        looked_in
+            .iter()
+            .map(|l| format!("  - {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
     )))
 }
 
-fn download(id: &str, split: &str, name: Option<&str>, data_files: &[String], hub: &HubSettings) -> std::result::Result<Vec<PathBuf>, String> {
-    let cache_dir = hub.cache_dirs.first().cloned().ok_or("no cache directory to download into")?;
+fn download(
+    id: &str,
+    split: &str,
+    name: Option<&str>,
+    data_files: &[String],
+    hub: &HubSettings,
+) -> std::result::Result<Vec<PathBuf>, String> {
+    let cache_dir = hub
+        .cache_dirs
+        .first()
+        .cloned()
+        .ok_or("no cache directory to download into")?;
     let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
         .with_progress(false)
         .with_token(hub.token.clone());

@@ -16,7 +16,8 @@ const ALPACA_SYSTEM_NO_INPUT: &str =
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.";
 const CONCISE_SYSTEM: &str = "Below is an instruction from a USER that describes a task, paired with an input that provides further context. The ASSISTANT writes a response that concisely and appropriately completes the request.\n\n";
 const CONCISE_SYSTEM_NO_INPUT: &str = "Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n";
-const CONTEXT_QA_SYSTEM: &str = "Use the following contextual information to concisely answer the question.\n";
+const CONTEXT_QA_SYSTEM: &str =
+    "Use the following contextual information to concisely answer the question.\n";
 const CONTEXT_QA_404_RESPONSE: &str = "The context provided does not contain any information about your inquiry. Therefore, I'm unable to answer your question based on the given context.";
 
 /// The turn layout of a prompt style.
@@ -32,7 +33,11 @@ pub struct TurnFormat {
 
 impl TurnFormat {
     fn new(with_input: &str, without_input: &str, system: &str) -> Self {
-        Self { with_input: with_input.into(), without_input: without_input.into(), system: system.into() }
+        Self {
+            with_input: with_input.into(),
+            without_input: without_input.into(),
+            system: system.into(),
+        }
     }
 
     /// The layout of one of Alpaca's prompt styles.
@@ -43,7 +48,11 @@ impl TurnFormat {
                 "### Instruction:\n{instruction}\n\n### Response:\n",
                 "{system}\n\n",
             ),
-            "chat" => Self::new("USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:", "SYSTEM: {system}\n"),
+            "chat" => Self::new(
+                "USER: {instruction}\n{input}\nASSISTANT:",
+                "USER: {instruction}\nASSISTANT:",
+                "SYSTEM: {system}\n",
+            ),
             "chatml" => Self::new(
                 "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
                 "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
@@ -119,24 +128,50 @@ pub struct InstructStrategy {
 }
 
 fn named(instruction: &str, input: &str, output: &str) -> Fields {
-    Fields::Named { instruction: instruction.into(), input: input.into(), output: output.into(), output_required: true }
+    Fields::Named {
+        instruction: instruction.into(),
+        input: input.into(),
+        output: output.into(),
+        output_required: true,
+    }
 }
 
 fn fixed(with_input: &str, without_input: &str) -> SystemSource {
-    SystemSource::Fixed { with_input: with_input.into(), without_input: without_input.into() }
+    SystemSource::Fixed {
+        with_input: with_input.into(),
+        without_input: without_input.into(),
+    }
 }
 
 fn system_field(name: &str) -> SystemSource {
-    SystemSource::Field { name: name.into(), required: true, default: String::new() }
+    SystemSource::Field {
+        name: name.into(),
+        required: true,
+        default: String::new(),
+    }
 }
 
 impl InstructStrategy {
     /// The strategy an Axolotl type name selects, if it is an instruction strategy.
     /// `conversation` is the dataset's `conversation` key (the style of `alpaca_chat`).
-    pub fn by_name(name: &str, conversation: Option<&str>, train_on_inputs: bool) -> Option<std::result::Result<Self, String>> {
-        let style = |s: &str| TurnFormat::style(s).ok_or_else(|| format!("unknown prompt style `{s}` (instruct, chat, chatml, phi)"));
-        let make = |turn: std::result::Result<TurnFormat, String>, system: SystemSource, fields: Fields| {
-            turn.map(|turn| Self { turn, system, fields, train_on_inputs })
+    pub fn by_name(
+        name: &str,
+        conversation: Option<&str>,
+        train_on_inputs: bool,
+    ) -> Option<std::result::Result<Self, String>> {
+        let style = |s: &str| {
+            TurnFormat::style(s)
+                .ok_or_else(|| format!("unknown prompt style `{s}` (instruct, chat, chatml, phi)"))
+        };
+        let make = |turn: std::result::Result<TurnFormat, String>,
+                    system: SystemSource,
+                    fields: Fields| {
+            turn.map(|turn| Self {
+                turn,
+                system,
+                fields,
+                train_on_inputs,
+            })
         };
         let alpaca_system = fixed(ALPACA_SYSTEM, ALPACA_SYSTEM_NO_INPUT);
         let concise = fixed(CONCISE_SYSTEM, CONCISE_SYSTEM_NO_INPUT);
@@ -144,17 +179,27 @@ impl InstructStrategy {
         let standard = named("instruction", "input", "output");
         Some(match name {
             "alpaca" | "alpaca_instruct" => make(style("instruct"), alpaca_system, standard),
-            _ if name.starts_with("alpaca:") => make(style(&name["alpaca:".len()..]), alpaca_system, standard),
+            _ if name.starts_with("alpaca:") => {
+                make(style(&name["alpaca:".len()..]), alpaca_system, standard)
+            }
             "alpaca_instruct.load_no_prompt" => make(style("instruct"), none, standard),
-            "alpaca_chat" => make(style(conversation.unwrap_or("chat")), alpaca_system, standard),
+            "alpaca_chat" => make(
+                style(conversation.unwrap_or("chat")),
+                alpaca_system,
+                standard,
+            ),
             "alpaca_chat.load_concise" => make(style("chat"), concise, standard),
             "alpaca_chat.load_qa" => make(style("chat"), concise, named("question", "", "answer")),
-            "alpaca_chat.load_camel_ai" => make(style("chat"), concise, named("message_1", "", "message_2")),
+            "alpaca_chat.load_camel_ai" => {
+                make(style("chat"), concise, named("message_1", "", "message_2"))
+            }
             "alpaca_chat.load_no_prompt" => make(style("chat"), none, standard),
             "alpaca_w_system" | "alpaca_w_system.load" | "alpaca_w_system.load_chat" => {
                 make(style("chat"), system_field("system"), standard)
             }
-            "alpaca_w_system.load_instruct" => make(style("instruct"), system_field("system"), standard),
+            "alpaca_w_system.load_instruct" => {
+                make(style("instruct"), system_field("system"), standard)
+            }
             "alpaca_w_system.load_open_orca" => make(
                 Ok(TurnFormat::new(
                     "### Human:\n{instruction}\n### Additional Context:\n{input}\n### Assistant:\n",
@@ -164,9 +209,11 @@ impl InstructStrategy {
                 system_field("system_prompt"),
                 named("question", "", "response"),
             ),
-            "alpaca_w_system.load_open_orca_chatml" => {
-                make(style("chatml"), system_field("system_prompt"), named("question", "", "response"))
-            }
+            "alpaca_w_system.load_open_orca_chatml" => make(
+                style("chatml"),
+                system_field("system_prompt"),
+                named("question", "", "response"),
+            ),
             "orcamini" => make(
                 Ok(TurnFormat::new(
                     "### System:\n{system}\n\n### User:\n{instruction}\n\n### Response:\n",
@@ -179,21 +226,35 @@ impl InstructStrategy {
             "context_qa" | "context_qa.load" => make(
                 style("chat"),
                 fixed(CONTEXT_QA_SYSTEM, CONTEXT_QA_SYSTEM),
-                Fields::ContextQa { question: "question".into(), fixed_response: None },
+                Fields::ContextQa {
+                    question: "question".into(),
+                    fixed_response: None,
+                },
             ),
             "context_qa.load_404" => make(
                 style("chat"),
                 fixed(CONTEXT_QA_SYSTEM, CONTEXT_QA_SYSTEM),
-                Fields::ContextQa { question: "unanswerable_question".into(), fixed_response: Some(CONTEXT_QA_404_RESPONSE.into()) },
+                Fields::ContextQa {
+                    question: "unanswerable_question".into(),
+                    fixed_response: Some(CONTEXT_QA_404_RESPONSE.into()),
+                },
             ),
-            "context_qa.load_v2" => make(Ok(TurnFormat::new("{instruction}", "{instruction}", "")), none, Fields::ContextQaV2),
+            "context_qa.load_v2" => make(
+                Ok(TurnFormat::new("{instruction}", "{instruction}", "")),
+                none,
+                Fields::ContextQaV2,
+            ),
             _ => return None,
         })
     }
 
     /// The strategy of an inline prompt format, with Axolotl's defaults for absent keys.
     pub fn user_defined(p: &UserDefinedPrompt, train_on_inputs: bool) -> Self {
-        let or = |v: &Option<String>, d: &str| v.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| d.to_string());
+        let or = |v: &Option<String>, d: &str| {
+            v.clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| d.to_string())
+        };
         Self {
             turn: TurnFormat {
                 with_input: or(&p.format, "{instruction} {input} "),
@@ -243,17 +304,29 @@ impl InstructStrategy {
     pub fn format(&self, row: &Row) -> Result<Formatted> {
         let (instruction, input, response) = self.read_fields(row)?;
         let system = match &self.system {
-            SystemSource::Fixed { with_input, without_input } => {
-                if input.is_empty() { without_input.clone() } else { with_input.clone() }
+            SystemSource::Fixed {
+                with_input,
+                without_input,
+            } => {
+                if input.is_empty() {
+                    without_input.clone()
+                } else {
+                    with_input.clone()
+                }
             }
-            SystemSource::Field { name, required, default } => match row.fields.get(name) {
+            SystemSource::Field {
+                name,
+                required,
+                default,
+            } => match row.fields.get(name) {
                 Some(v) => text_of(row, name, v)?,
                 None if *required => return Err(row.field_error(name, "missing")),
                 None => default.clone(),
             },
         };
         let prompt = self.assemble(&system, &instruction, &input);
-        let mut example = TextExample::from_pieces(&[(&prompt, self.train_on_inputs), (&response, true)]);
+        let mut example =
+            TextExample::from_pieces(&[(&prompt, self.train_on_inputs), (&response, true)]);
         example.add_special_tokens = true;
         example.append_eos = (!response.is_empty()).then_some(true);
         example.train_all = self.train_on_inputs;
@@ -269,13 +342,26 @@ impl InstructStrategy {
             }
         };
         match &self.fields {
-            Fields::Named { instruction, input, output, output_required } => Ok((
+            Fields::Named {
+                instruction,
+                input,
+                output,
+                output_required,
+            } => Ok((
                 get(instruction, true)?,
-                if input.is_empty() { String::new() } else { get(input, false)? },
+                if input.is_empty() {
+                    String::new()
+                } else {
+                    get(input, false)?
+                },
                 get(output, *output_required)?,
             )),
-            Fields::ContextQa { question, fixed_response } => {
-                let instruction = format!("{}\n===\n{}", get("article", true)?, get(question, true)?);
+            Fields::ContextQa {
+                question,
+                fixed_response,
+            } => {
+                let instruction =
+                    format!("{}\n===\n{}", get("article", true)?, get(question, true)?);
                 let response = match fixed_response {
                     Some(r) => r.clone(),
                     None => get("answer", true)?,
@@ -283,7 +369,11 @@ impl InstructStrategy {
                 Ok((instruction, String::new(), response))
             }
             Fields::ContextQaV2 => Ok((
-                format!("Context: {}\nQuestion: {}\n", get("context", true)?, get("question", true)?),
+                format!(
+                    "Context: {}\nQuestion: {}\n",
+                    get("context", true)?,
+                    get("question", true)?
+                ),
                 String::new(),
                 format!("Answer: {}", get("answer", true)?),
             )),

@@ -8,16 +8,16 @@ pub mod error;
 pub mod source;
 
 pub use error::{DataError, Location};
+pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod example;
-pub mod instruct;
-pub mod chat;
 pub mod hub;
-pub mod pipeline;
-pub mod strategy;
-pub mod cache;
+pub mod instruct;
 pub mod packing;
+pub mod pipeline;
 pub mod pretraining;
+pub mod strategy;
 
 use std::path::PathBuf;
 
@@ -60,20 +60,33 @@ pub fn prepare_cached(
     let settings = pipeline::DataSettings::from_config(&cfg.config);
     let mut key = cache::CacheKey::new(&settings, datasets);
     for (i, ds) in datasets.iter().enumerate() {
-        let (files, _) = pipeline::dataset_files(ds, &cfg.base_dir, hub).map_err(|e| e.in_dataset(pipeline::dataset_label(i, ds)))?;
+        let (files, _) = pipeline::dataset_files(ds, &cfg.base_dir, hub)
+            .map_err(|e| e.in_dataset(pipeline::dataset_label(i, ds)))?;
         for file in files {
             key.add_file(&file)?;
         }
     }
     key.add_tokenizer(&tokenizer.dir)?;
     // Special tokens the configuration set on top of the tokenizer files.
-    key.add_bytes(format!("{:?}|{:?}|{:?}|{}", tokenizer.bos, tokenizer.eos, tokenizer.pad, tokenizer.add_bos_token).as_bytes());
-    let root = cfg.resolve_path(cfg.config.dataset_prepared_path.as_deref().unwrap_or(DEFAULT_PREPARED_PATH));
+    key.add_bytes(
+        format!(
+            "{:?}|{:?}|{:?}|{}",
+            tokenizer.bos, tokenizer.eos, tokenizer.pad, tokenizer.add_bos_token
+        )
+        .as_bytes(),
+    );
+    let root = cfg.resolve_path(
+        cfg.config
+            .dataset_prepared_path
+            .as_deref()
+            .unwrap_or(DEFAULT_PREPARED_PATH),
+    );
     let dir = root.join(key.finish());
     if let Some(prepared) = cache::load(&dir)? {
         return Ok((prepared, CacheStatus { dir, reused: true }));
     }
-    let (examples, reports) = pipeline::prepare(datasets, &settings, tokenizer, hub, &cfg.base_dir)?;
+    let (examples, reports) =
+        pipeline::prepare(datasets, &settings, tokenizer, hub, &cfg.base_dir)?;
     let prepared = cache::Prepared { examples, reports };
     cache::store(&dir, &prepared)?;
     Ok((prepared, CacheStatus { dir, reused: false }))

@@ -48,8 +48,14 @@ pub struct Batch {
 impl Batch {
     /// Right-pads examples into one batch, to `pad_to` tokens or to the longest example.
     pub fn padded(examples: &[&Tokenized], pad_id: u32, pad_to: Option<usize>) -> Self {
-        let width = pad_to.unwrap_or(0).max(examples.iter().map(|e| e.len()).max().unwrap_or(0));
-        let mut batch = Self { input_ids: Vec::new(), labels: Vec::new(), layout: None };
+        let width = pad_to
+            .unwrap_or(0)
+            .max(examples.iter().map(|e| e.len()).max().unwrap_or(0));
+        let mut batch = Self {
+            input_ids: Vec::new(),
+            labels: Vec::new(),
+            layout: None,
+        };
         for e in examples {
             let mut ids = e.input_ids.clone();
             let mut labels = e.labels.clone();
@@ -82,7 +88,11 @@ impl Batch {
             ids.resize(width, pad_id);
             labels.resize(width, IGNORE_INDEX);
         }
-        Self { input_ids: vec![ids], labels: vec![labels], layout: Some(PackedLayout::from_lengths(&[lengths])) }
+        Self {
+            input_ids: vec![ids],
+            labels: vec![labels],
+            layout: Some(PackedLayout::from_lengths(&[lengths])),
+        }
     }
 
     /// `(input_ids, labels)` tensors of shape `[rows, len]`.
@@ -91,6 +101,9 @@ impl Batch {
         let len = self.input_ids.first().map_or(0, Vec::len);
         let ids: Vec<u32> = self.input_ids.concat();
         let labels: Vec<i64> = self.labels.concat();
-        Ok((Tensor::from_vec(ids, (rows, len), device)?, Tensor::from_vec(labels, (rows, len), device)?))
+        Ok((
+            Tensor::from_vec(ids, (rows, len), device)?,
+            Tensor::from_vec(labels, (rows, len), device)?,
+        ))
     }
 }

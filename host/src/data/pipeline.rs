@@ -65,7 +65,10 @@ impl DataSettings {
             chat_template: c.chat_template.clone(),
             chat_template_jinja: c.chat_template_jinja.clone(),
             eot_tokens: c.eot_tokens.clone(),
-            chat_template_kwargs: c.chat_template_kwargs.as_ref().map(|m| serde_json::Value::Object(m.clone()).to_string()),
+            chat_template_kwargs: c
+                .chat_template_kwargs
+                .as_ref()
+                .map(|m| serde_json::Value::Object(m.clone()).to_string()),
         }
     }
 }
@@ -94,17 +97,38 @@ pub struct DatasetReport {
 }
 
 /// Where a dataset's files are and how to read them.
-pub fn dataset_files(ds: &DatasetConfig, base_dir: &Path, hub_settings: &HubSettings) -> Result<(Vec<PathBuf>, Option<Format>)> {
-    let path = ds.path.as_deref().ok_or_else(|| DataError::msg("missing").field("path"))?;
+pub fn dataset_files(
+    ds: &DatasetConfig,
+    base_dir: &Path,
+    hub_settings: &HubSettings,
+) -> Result<(Vec<PathBuf>, Option<Format>)> {
+    let path = ds
+        .path
+        .as_deref()
+        .ok_or_else(|| DataError::msg("missing").field("path"))?;
     let forced = match ds.ds_type.as_deref() {
         Some(t) => Some(Format::from_ds_type(t).ok_or_else(|| {
-            DataError::msg(format!("`{t}` is not a supported file type (json, jsonl, csv, parquet, text)")).field("ds_type")
+            DataError::msg(format!(
+                "`{t}` is not a supported file type (json, jsonl, csv, parquet, text)"
+            ))
+            .field("ds_type")
         })?),
         None => None,
     };
-    let data_files = ds.data_files.as_ref().map(|d| d.to_vec()).unwrap_or_default();
-    let local = if Path::new(path).is_absolute() { PathBuf::from(path) } else { base_dir.join(path) };
-    let looks_local = local.exists() || path.contains(['*', '?', '[']) || path.starts_with('.') || path.starts_with('/');
+    let data_files = ds
+        .data_files
+        .as_ref()
+        .map(|d| d.to_vec())
+        .unwrap_or_default();
+    let local = if Path::new(path).is_absolute() {
+        PathBuf::from(path)
+    } else {
+        base_dir.join(path)
+    };
+    let looks_local = local.exists()
+        || path.contains(['*', '?', '['])
+        || path.starts_with('.')
+        || path.starts_with('/');
     if looks_local {
         let files = if !data_files.is_empty() && local.is_dir() {
             let mut files = Vec::new();
@@ -117,7 +141,13 @@ pub fn dataset_files(ds: &DatasetConfig, base_dir: &Path, hub_settings: &HubSett
         };
         return Ok((files, forced));
     }
-    let files = hub::dataset_files(path, ds.split(), ds.name.as_deref(), &data_files, hub_settings)?;
+    let files = hub::dataset_files(
+        path,
+        ds.split(),
+        ds.name.as_deref(),
+        &data_files,
+        hub_settings,
+    )?;
     Ok((files, forced))
 }
 
@@ -127,7 +157,10 @@ fn read_rows(files: &[PathBuf], forced: Option<Format>) -> Result<Vec<Row>> {
         let format = match forced.or_else(|| Format::from_path(file)) {
             Some(f) => f,
             None => {
-                return Err(DataError::msg("cannot tell the file format from the extension; set ds_type").at(file.as_path(), None))
+                return Err(DataError::msg(
+                    "cannot tell the file format from the extension; set ds_type",
+                )
+                .at(file.as_path(), None))
             }
         };
         rows.extend(source::read_file(file, format)?);
@@ -137,11 +170,19 @@ fn read_rows(files: &[PathBuf], forced: Option<Format>) -> Result<Vec<Row>> {
 
 /// Formats and tokenizes rows in parallel, in order. Each worker thread has its own copy of
 /// the tokenizer: its word cache is then private, not a lock every token contends for.
-fn tokenize_rows(rows: &[Row], strategy: &Strategy, tokenizer: &ModelTokenizer, sequence_len: usize) -> Result<Vec<Vec<Tokenized>>> {
+fn tokenize_rows(
+    rows: &[Row],
+    strategy: &Strategy,
+    tokenizer: &ModelTokenizer,
+    sequence_len: usize,
+) -> Result<Vec<Vec<Tokenized>>> {
     let one = |tok: &ModelTokenizer, row: &Row| -> Result<Vec<Tokenized>> {
         let mut out = Vec::new();
         for formatted in strategy.format(row)? {
-            out.extend(tokenize(formatted, tok, sequence_len).map_err(|e| e.at(row.file.as_path(), Some(row.location)))?);
+            out.extend(
+                tokenize(formatted, tok, sequence_len)
+                    .map_err(|e| e.at(row.file.as_path(), Some(row.location)))?,
+            );
         }
         Ok(out)
     };
@@ -179,11 +220,18 @@ fn tokenize_rows(rows: &[Row], strategy: &Strategy, tokenizer: &ModelTokenizer, 
 
 /// The label of a dataset in messages.
 pub fn dataset_label(index: usize, ds: &DatasetConfig) -> String {
-    format!("datasets[{index}] ({})", ds.path.as_deref().unwrap_or("no path"))
+    format!(
+        "datasets[{index}] ({})",
+        ds.path.as_deref().unwrap_or("no path")
+    )
 }
 
 /// What strategies need, from the settings.
-pub fn strategy_context<'a>(settings: &'a DataSettings, tokenizer: &'a ModelTokenizer, base_dir: &'a Path) -> StrategyContext<'a> {
+pub fn strategy_context<'a>(
+    settings: &'a DataSettings,
+    tokenizer: &'a ModelTokenizer,
+    base_dir: &'a Path,
+) -> StrategyContext<'a> {
     StrategyContext {
         train_on_inputs: settings.train_on_inputs,
         chat_template: settings.chat_template.as_deref(),
@@ -192,7 +240,9 @@ pub fn strategy_context<'a>(settings: &'a DataSettings, tokenizer: &'a ModelToke
         chat_template_kwargs: settings
             .chat_template_kwargs
             .as_deref()
-            .and_then(|t| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok())
+            .and_then(|t| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok()
+            })
             .unwrap_or_default(),
         base_dir,
         tokenizer,
@@ -212,7 +262,8 @@ pub fn prepare(
     let mut reports = Vec::new();
     for (index, ds) in datasets.iter().enumerate() {
         let label = dataset_label(index, ds);
-        let (examples, report) = prepare_one(ds, &label, settings, &ctx, hub_settings, base_dir).map_err(|e| e.in_dataset(&label))?;
+        let (examples, report) = prepare_one(ds, &label, settings, &ctx, hub_settings, base_dir)
+            .map_err(|e| e.in_dataset(&label))?;
         merged.extend(examples);
         reports.push(report);
     }
@@ -226,7 +277,10 @@ pub fn prepare(
                 )
             })
             .collect();
-        return Err(DataError::msg(format!("no training example is left ({})", detail.join("; "))));
+        return Err(DataError::msg(format!(
+            "no training example is left ({})",
+            detail.join("; ")
+        )));
     }
     if settings.shuffle {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed);
@@ -247,11 +301,17 @@ fn prepare_one(
     let (files, forced) = dataset_files(ds, base_dir, hub_settings)?;
     let mut rows = read_rows(&files, forced)?;
     if let Some(count) = ds.shards {
-        rows = source::shard(rows, count, ds.shards_idx.unwrap_or(0)).map_err(|e| e.field("shards_idx"))?;
+        rows = source::shard(rows, count, ds.shards_idx.unwrap_or(0))
+            .map_err(|e| e.field("shards_idx"))?;
     }
     let row_count = rows.len();
     let tokenized = tokenize_rows(&rows, &strategy, ctx.tokenizer, settings.sequence_len)?;
-    let mut report = DatasetReport { label: label.to_string(), files, rows: row_count, ..DatasetReport::default() };
+    let mut report = DatasetReport {
+        label: label.to_string(),
+        files,
+        rows: row_count,
+        ..DatasetReport::default()
+    };
     let mut kept = Vec::with_capacity(tokenized.len());
     for (row, examples) in rows.iter().zip(tokenized) {
         for mut example in examples {

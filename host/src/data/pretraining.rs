@@ -37,21 +37,37 @@ impl RowStream {
                 Format::JsonLines => match std::fs::File::open(&path) {
                     Ok(f) => {
                         let file = Arc::new(path.clone());
-                        Box::new(std::io::BufReader::new(f).lines().enumerate().filter_map(move |(i, line)| {
-                            let location = Location::Line(i + 1);
-                            let line = match line {
-                                Ok(l) if l.trim().is_empty() => return None,
-                                Ok(l) => l,
-                                Err(e) => return Some(Err(DataError::msg(format!("cannot read: {e}")).at(file.as_path(), Some(location)))),
-                            };
-                            Some(match serde_json::from_str::<Value>(&line) {
-                                Ok(Value::Object(fields)) => Ok(Row { fields, file: file.clone(), location }),
-                                Ok(_) => Err(DataError::msg("expected a JSON object").at(file.as_path(), Some(location))),
-                                Err(e) => Err(DataError::msg(format!("malformed JSON: {e}")).at(file.as_path(), Some(location))),
-                            })
-                        }))
+                        Box::new(std::io::BufReader::new(f).lines().enumerate().filter_map(
+                            move |(i, line)| {
+                                let location = Location::Line(i + 1);
+                                let line = match line {
+                                    Ok(l) if l.trim().is_empty() => return None,
+                                    Ok(l) => l,
+                                    Err(e) => {
+                                        return Some(Err(DataError::msg(format!(
+                                            "cannot read: {e}"
+                                        ))
+                                        .at(file.as_path(), Some(location))))
+                                    }
+                                };
+                                Some(match serde_json::from_str::<Value>(&line) {
+                                    Ok(Value::Object(fields)) => Ok(Row {
+                                        fields,
+                                        file: file.clone(),
+                                        location,
+                                    }),
+                                    Ok(_) => Err(DataError::msg("expected a JSON object")
+                                        .at(file.as_path(), Some(location))),
+                                    Err(e) => Err(DataError::msg(format!("malformed JSON: {e}"))
+                                        .at(file.as_path(), Some(location))),
+                                })
+                            },
+                        ))
                     }
-                    Err(e) => Box::new(std::iter::once(Err(DataError::msg(format!("cannot read: {e}")).at(&path, None)))),
+                    Err(e) => Box::new(std::iter::once(Err(DataError::msg(format!(
+                        "cannot read: {e}"
+                    ))
+                    .at(&path, None)))),
                 },
                 other => match source::read_file(&path, other) {
                     Ok(rows) => Box::new(rows.into_iter().map(Ok)),
@@ -86,13 +102,17 @@ impl<'a> PretrainingStream<'a> {
         sequence_len: usize,
         micro_batch_size: usize,
     ) -> Result<Self> {
-        let label = format!("pretraining_dataset ({})", ds.path.as_deref().unwrap_or("no path"));
+        let label = format!(
+            "pretraining_dataset ({})",
+            ds.path.as_deref().unwrap_or("no path")
+        );
         let files = files
             .into_iter()
             .map(|f| {
-                let format = forced
-                    .or_else(|| Format::from_path(&f))
-                    .ok_or_else(|| DataError::msg("cannot tell the file format from the extension; set ds_type").at(&f, None))?;
+                let format = forced.or_else(|| Format::from_path(&f)).ok_or_else(|| {
+                    DataError::msg("cannot tell the file format from the extension; set ds_type")
+                        .at(&f, None)
+                })?;
                 Ok((f, format))
             })
             .collect::<Result<_>>()
@@ -102,9 +122,17 @@ impl<'a> PretrainingStream<'a> {
             Some(DatasetType::Name(n)) if n == "pretrain" || n.is_empty() => None,
             Some(_) => Some(Strategy::for_dataset(ds, &ctx).map_err(|e| e.in_dataset(&label))?),
         };
-        let pad_id = ctx.tokenizer.pad.as_ref().or(ctx.tokenizer.eos.as_ref()).map_or(0, |t| t.1);
+        let pad_id = ctx
+            .tokenizer
+            .pad
+            .as_ref()
+            .or(ctx.tokenizer.eos.as_ref())
+            .map_or(0, |t| t.1);
         let mut stream = Self {
-            rows: RowStream { files, current: None },
+            rows: RowStream {
+                files,
+                current: None,
+            },
             strategy,
             text_column: ds.text_column.clone().unwrap_or_else(|| "text".into()),
             ctx,
@@ -115,7 +143,13 @@ impl<'a> PretrainingStream<'a> {
             label,
         };
         for _ in 0..ds.skip.unwrap_or(0) {
-            if stream.rows.next_row().transpose().map_err(|e| e.in_dataset(&stream.label))?.is_none() {
+            if stream
+                .rows
+                .next_row()
+                .transpose()
+                .map_err(|e| e.in_dataset(&stream.label))?
+                .is_none()
+            {
                 break;
             }
         }
@@ -135,7 +169,10 @@ impl<'a> PretrainingStream<'a> {
         };
         let mut out = Vec::new();
         for f in formatted {
-            out.extend(tokenize(f, self.ctx.tokenizer, self.sequence_len).map_err(|e| e.at(row.file.as_path(), Some(row.location)))?);
+            out.extend(
+                tokenize(f, self.ctx.tokenizer, self.sequence_len)
+                    .map_err(|e| e.at(row.file.as_path(), Some(row.location)))?,
+            );
         }
         Ok(out)
     }
@@ -157,7 +194,10 @@ impl<'a> PretrainingStream<'a> {
             match self.rows.next_row() {
                 Some(row) => {
                     let row = row.map_err(|e| e.in_dataset(&self.label))?;
-                    self.pending.extend(self.examples_of(&row).map_err(|e| e.in_dataset(&self.label))?);
+                    self.pending.extend(
+                        self.examples_of(&row)
+                            .map_err(|e| e.in_dataset(&self.label))?,
+                    );
                 }
                 None => break,
             }
@@ -172,6 +212,9 @@ impl<'a> PretrainingStream<'a> {
 
 impl std::fmt::Debug for PretrainingStream<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PretrainingStream").field("label", &self.label).field("capacity", &self.capacity).finish()
+        f.debug_struct("PretrainingStream")
+            .field("label", &self.label)
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }

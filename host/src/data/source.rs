@@ -96,7 +96,10 @@ pub fn expand(path: &Path) -> Result<Vec<PathBuf>> {
         collect_data_files(path, &mut files)?;
         files.sort();
         if files.is_empty() {
-            return Err(DataError::msg("no .jsonl, .json, .csv, .parquet or .txt file in this directory").at(path, None));
+            return Err(DataError::msg(
+                "no .jsonl, .json, .csv, .parquet or .txt file in this directory",
+            )
+            .at(path, None));
         }
         return Ok(files);
     }
@@ -107,7 +110,8 @@ pub fn expand(path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn collect_data_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| DataError::msg(e.to_string()).at(dir, None))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| DataError::msg(e.to_string()).at(dir, None))?;
     for entry in entries.flatten() {
         let path = entry.path();
         let hidden = entry.file_name().to_string_lossy().starts_with('.');
@@ -126,25 +130,37 @@ fn collect_data_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// Reads every row of a file.
 pub fn read_file(path: &Path, format: Format) -> Result<Vec<Row>> {
     let file = Arc::new(path.to_path_buf());
-    let error = |message: String, location: Option<Location>| DataError::msg(message).at(path, location);
+    let error =
+        |message: String, location: Option<Location>| DataError::msg(message).at(path, location);
     match format {
         Format::Parquet => read_parquet(path, &file),
         Format::Csv => read_csv(path, &file),
         Format::JsonLines | Format::Json | Format::Text => {
-            let bytes = std::fs::read(path).map_err(|e| error(format!("cannot read: {e}"), None))?;
-            let bytes = if path.extension().is_some_and(|e| e == "gz") { gunzip(&bytes).map_err(|e| error(e, None))? } else { bytes };
-            let text = String::from_utf8(bytes).map_err(|e| error(format!("not UTF-8: {e}"), None))?;
+            let bytes =
+                std::fs::read(path).map_err(|e| error(format!("cannot read: {e}"), None))?;
+            let bytes = if path.extension().is_some_and(|e| e == "gz") {
+                gunzip(&bytes).map_err(|e| error(e, None))?
+            } else {
+                bytes
+            };
+            let text =
+                String::from_utf8(bytes).map_err(|e| error(format!("not UTF-8: {e}"), None))?;
             match format {
                 Format::Text => Ok(text
                     .lines()
                     .enumerate()
                     .map(|(i, line)| Row {
-                        fields: Map::from_iter([("text".to_string(), Value::String(line.to_string()))]),
+                        fields: Map::from_iter([(
+                            "text".to_string(),
+                            Value::String(line.to_string()),
+                        )]),
                         file: file.clone(),
                         location: Location::Line(i + 1),
                     })
                     .collect()),
-                Format::Json if looks_like_one_document(&text) => read_json_document(&text, path, &file),
+                Format::Json if looks_like_one_document(&text) => {
+                    read_json_document(&text, path, &file)
+                }
                 _ => read_json_lines(&text, path, &file),
             }
         }
@@ -154,7 +170,9 @@ pub fn read_file(path: &Path, format: Format) -> Result<Vec<Row>> {
 fn gunzip(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
     use std::io::Read;
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).map_err(|e| format!("not a valid gzip file: {e}"))?;
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("not a valid gzip file: {e}"))?;
     Ok(out)
 }
 
@@ -169,7 +187,9 @@ fn looks_like_one_document(text: &str) -> bool {
         return false;
     }
     let mut lines = trimmed.lines().filter(|l| !l.trim().is_empty());
-    let first_is_whole = lines.next().is_some_and(|l| serde_json::from_str::<Value>(l).is_ok());
+    let first_is_whole = lines
+        .next()
+        .is_some_and(|l| serde_json::from_str::<Value>(l).is_ok());
     !first_is_whole || lines.next().is_none()
 }
 
@@ -185,7 +205,11 @@ fn read_json_lines(text: &str, path: &Path, file: &Arc<PathBuf>) -> Result<Vec<R
         let Value::Object(fields) = value else {
             return Err(DataError::msg("expected a JSON object").at(path, Some(location)));
         };
-        rows.push(Row { fields, file: file.clone(), location });
+        rows.push(Row {
+            fields,
+            file: file.clone(),
+            location,
+        });
     }
     Ok(rows)
 }
@@ -199,24 +223,45 @@ fn read_json_document(text: &str, path: &Path, file: &Arc<PathBuf>) -> Result<Ve
             .into_iter()
             .enumerate()
             .map(|(i, item)| match item {
-                Value::Object(fields) => Ok(Row { fields, file: file.clone(), location: Location::Row(i) }),
+                Value::Object(fields) => Ok(Row {
+                    fields,
+                    file: file.clone(),
+                    location: Location::Row(i),
+                }),
                 _ => Err(DataError::msg("expected a JSON object").at(path, Some(Location::Row(i)))),
             })
             .collect(),
         Value::Object(columns) if columns.values().all(Value::is_array) && !columns.is_empty() => {
-            let len = columns.values().next().and_then(Value::as_array).map_or(0, Vec::len);
-            if let Some((name, _)) = columns.iter().find(|(_, v)| v.as_array().map_or(0, Vec::len) != len) {
-                return Err(DataError::msg(format!("column `{name}` has a different length than the others")).at(path, None));
+            let len = columns
+                .values()
+                .next()
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            if let Some((name, _)) = columns
+                .iter()
+                .find(|(_, v)| v.as_array().map_or(0, Vec::len) != len)
+            {
+                return Err(DataError::msg(format!(
+                    "column `{name}` has a different length than the others"
+                ))
+                .at(path, None));
             }
             Ok((0..len)
                 .map(|i| Row {
-                    fields: columns.iter().map(|(k, v)| (k.clone(), v[i].clone())).collect(),
+                    fields: columns
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v[i].clone()))
+                        .collect(),
                     file: file.clone(),
                     location: Location::Row(i),
                 })
                 .collect())
         }
-        Value::Object(fields) => Ok(vec![Row { fields, file: file.clone(), location: Location::Row(0) }]),
+        Value::Object(fields) => Ok(vec![Row {
+            fields,
+            file: file.clone(),
+            location: Location::Row(0),
+        }]),
         _ => Err(DataError::msg("expected an array of objects, or an object").at(path, None)),
     }
 }
@@ -228,7 +273,9 @@ fn read_csv(path: &Path, file: &Arc<PathBuf>) -> Result<Vec<Row>> {
         .map_err(|e| DataError::msg(format!("cannot read: {e}")).at(path, None))?;
     let headers = reader
         .headers()
-        .map_err(|e| DataError::msg(format!("malformed CSV header: {e}")).at(path, Some(Location::Line(1))))?
+        .map_err(|e| {
+            DataError::msg(format!("malformed CSV header: {e}")).at(path, Some(Location::Line(1)))
+        })?
         .clone();
     let mut rows = Vec::new();
     for record in reader.records() {
@@ -242,7 +289,11 @@ fn read_csv(path: &Path, file: &Arc<PathBuf>) -> Result<Vec<Row>> {
             .zip(record.iter())
             .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
             .collect();
-        rows.push(Row { fields, file: file.clone(), location: Location::Line(line) });
+        rows.push(Row {
+            fields,
+            file: file.clone(),
+            location: Location::Line(line),
+        });
     }
     Ok(rows)
 }
@@ -251,15 +302,24 @@ fn read_parquet(path: &Path, file: &Arc<PathBuf>) -> Result<Vec<Row>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let error = |m: String| DataError::msg(m).at(path, None);
     let handle = std::fs::File::open(path).map_err(|e| error(format!("cannot read: {e}")))?;
-    let reader = SerializedFileReader::new(handle).map_err(|e| error(format!("not a valid parquet file: {e}")))?;
-    let iter = reader.get_row_iter(None).map_err(|e| error(format!("cannot read rows: {e}")))?;
+    let reader = SerializedFileReader::new(handle)
+        .map_err(|e| error(format!("not a valid parquet file: {e}")))?;
+    let iter = reader
+        .get_row_iter(None)
+        .map_err(|e| error(format!("cannot read rows: {e}")))?;
     let mut rows = Vec::new();
     for (i, row) in iter.enumerate() {
-        let row = row.map_err(|e| DataError::msg(format!("cannot decode: {e}")).at(path, Some(Location::Row(i))))?;
+        let row = row.map_err(|e| {
+            DataError::msg(format!("cannot decode: {e}")).at(path, Some(Location::Row(i)))
+        })?;
         let Value::Object(fields) = row.to_json_value() else {
             return Err(DataError::msg("row is not a record").at(path, Some(Location::Row(i))));
         };
-        rows.push(Row { fields, file: file.clone(), location: Location::Row(i) });
+        rows.push(Row {
+            fields,
+            file: file.clone(),
+            location: Location::Row(i),
+        });
     }
     Ok(rows)
 }
@@ -268,7 +328,9 @@ fn read_parquet(path: &Path, file: &Arc<PathBuf>) -> Result<Vec<Row>> {
 /// contiguous=True)` does.
 pub fn shard(rows: Vec<Row>, count: usize, index: usize) -> Result<Vec<Row>> {
     if count == 0 || index >= count {
-        return Err(DataError::msg(format!("shards_idx {index} is not below shards {count}")));
+        return Err(DataError::msg(format!(
+            "shards_idx {index} is not below shards {count}"
+        )));
     }
     let len = rows.len();
     let (base, extra) = (len / count, len % count);

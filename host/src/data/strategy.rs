@@ -91,22 +91,39 @@ impl Strategy {
         let name = match &ds.kind {
             None => return Ok(Self::Pretokenized),
             Some(DatasetType::UserDefined(p)) => {
-                return Ok(Self::Instruct(InstructStrategy::user_defined(p, ctx.train_on_inputs)))
+                return Ok(Self::Instruct(InstructStrategy::user_defined(
+                    p,
+                    ctx.train_on_inputs,
+                )))
             }
             Some(DatasetType::Name(n)) if n.is_empty() => return Ok(Self::Pretokenized),
             Some(DatasetType::Name(n)) => n.as_str(),
         };
-        let name = name.strip_prefix("axolotl.prompt_strategies.").unwrap_or(name);
+        let name = name
+            .strip_prefix("axolotl.prompt_strategies.")
+            .unwrap_or(name);
         match name {
-            "completion" => return Ok(Self::Completion { field: ds.field.clone().unwrap_or_else(|| "text".into()) }),
-            "input_output" => return Ok(Self::InputOutput { train_on_inputs: ctx.train_on_inputs }),
+            "completion" => {
+                return Ok(Self::Completion {
+                    field: ds.field.clone().unwrap_or_else(|| "text".into()),
+                })
+            }
+            "input_output" => {
+                return Ok(Self::InputOutput {
+                    train_on_inputs: ctx.train_on_inputs,
+                })
+            }
             "chat_template" | "chat_template.default" | "chat_template.load" => {
                 return Ok(Self::Chat(Box::new(ChatStrategy::new(ds, ctx)?)))
             }
             _ => {}
         }
-        if let Some(made) = InstructStrategy::by_name(name, ds.conversation.as_deref(), ctx.train_on_inputs) {
-            return made.map(Self::Instruct).map_err(|e| DataError::msg(e).field("type"));
+        if let Some(made) =
+            InstructStrategy::by_name(name, ds.conversation.as_deref(), ctx.train_on_inputs)
+        {
+            return made
+                .map(Self::Instruct)
+                .map_err(|e| DataError::msg(e).field("type"));
         }
         let hint = if name.contains(":load_") {
             format!("; did you mean `{}`?", name.replace(":load_", ".load_"))
@@ -130,7 +147,12 @@ impl Strategy {
             Self::InputOutput { train_on_inputs } => {
                 let segments = match row.fields.get("segments") {
                     Some(Value::Array(s)) => s,
-                    Some(other) => return Err(row.field_error("segments", format!("expected a list, found {}", kind_of(other)))),
+                    Some(other) => {
+                        return Err(row.field_error(
+                            "segments",
+                            format!("expected a list, found {}", kind_of(other)),
+                        ))
+                    }
                     None => return Err(row.field_error("segments", "missing")),
                 };
                 let mut pieces = Vec::with_capacity(segments.len());
@@ -142,12 +164,18 @@ impl Strategy {
                     };
                     let label = match segment.get("label") {
                         Some(Value::Bool(b)) => *b,
-                        Some(other) => return Err(row.field_error(&at("label"), format!("expected true or false, found {}", kind_of(other)))),
+                        Some(other) => {
+                            return Err(row.field_error(
+                                &at("label"),
+                                format!("expected true or false, found {}", kind_of(other)),
+                            ))
+                        }
                         None => return Err(row.field_error(&at("label"), "missing")),
                     };
                     pieces.push((text, label || *train_on_inputs));
                 }
-                let borrowed: Vec<(&str, bool)> = pieces.iter().map(|(t, l)| (t.as_str(), *l)).collect();
+                let borrowed: Vec<(&str, bool)> =
+                    pieces.iter().map(|(t, l)| (t.as_str(), *l)).collect();
                 Ok(vec![Formatted::Text(TextExample::from_pieces(&borrowed))])
             }
             Self::Pretokenized => {
@@ -173,10 +201,17 @@ impl Strategy {
                 if input_ids.len() != labels.len() {
                     return Err(row.field_error(
                         "labels",
-                        format!("has {} entries but input_ids has {}", labels.len(), input_ids.len()),
+                        format!(
+                            "has {} entries but input_ids has {}",
+                            labels.len(),
+                            input_ids.len()
+                        ),
                     ));
                 }
-                Ok(vec![Formatted::Tokens { input_ids: input_ids.into_iter().map(|i| i as u32).collect(), labels }])
+                Ok(vec![Formatted::Tokens {
+                    input_ids: input_ids.into_iter().map(|i| i as u32).collect(),
+                    labels,
+                }])
             }
             Self::Chat(s) => s.format(row).map(|f| vec![f]),
         }

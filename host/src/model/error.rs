@@ -62,17 +62,36 @@ pub enum ModelError {
 impl ModelError {
     /// An error about a file.
     pub fn file(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        Self::File { path: path.into(), message: message.to_string() }
+        Self::File {
+            path: path.into(),
+            message: message.to_string(),
+        }
     }
 
     /// An error about a key of a configuration file.
-    pub fn key(path: impl Into<PathBuf>, key: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Self::Key { path: path.into(), key: key.into(), message: message.to_string() }
+    pub fn key(
+        path: impl Into<PathBuf>,
+        key: impl Into<String>,
+        message: impl std::fmt::Display,
+    ) -> Self {
+        Self::Key {
+            path: path.into(),
+            key: key.into(),
+            message: message.to_string(),
+        }
     }
 
     /// An error about a tensor of a weights file.
-    pub fn tensor(path: impl Into<PathBuf>, tensor: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Self::Tensor { path: path.into(), tensor: tensor.into(), message: message.to_string() }
+    pub fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        message: impl std::fmt::Display,
+    ) -> Self {
+        Self::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            message: message.to_string(),
+        }
     }
 }
 

@@ -30,7 +30,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_new_tokens: 256, do_sample: false, temperature: 1.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 42 }
+        Self {
+            max_new_tokens: 256,
+            do_sample: false,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: 42,
+        }
     }
 }
 
@@ -55,7 +63,11 @@ pub struct Decoder<'m> {
 impl<'m> Decoder<'m> {
     /// A session with an empty cache.
     pub fn new(model: &'m CausalLm, seed: u64) -> Self {
-        Self { model, cache: KvCache::new(), rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self {
+            model,
+            cache: KvCache::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// Number of positions in the cache.
@@ -79,7 +91,10 @@ impl<'m> Decoder<'m> {
         let hidden = self.model.hidden_states(&input, Some(&mut self.cache))?;
         let last = hidden.narrow(1, ids.len() - 1, 1)?;
         let logits = self.model.logits(&last)?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        Ok(logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
     }
 
     /// Generates after `prompt`, calling `on_token` with each new token id (return `false`
@@ -116,7 +131,12 @@ impl<'m> Decoder<'m> {
 }
 
 /// Picks the next token from `logits` (modified in place by the penalty and warpers).
-pub fn choose(logits: &mut [f32], seen: &[u32], params: &SamplingParams, rng: &mut impl Rng) -> u32 {
+pub fn choose(
+    logits: &mut [f32],
+    seen: &[u32],
+    params: &SamplingParams,
+    rng: &mut impl Rng,
+) -> u32 {
     if params.repetition_penalty != 1.0 {
         let p = params.repetition_penalty as f32;
         let mut ids: Vec<u32> = seen.to_vec();
@@ -132,7 +152,13 @@ pub fn choose(logits: &mut [f32], seen: &[u32], params: &SamplingParams, rng: &m
         logits
             .iter()
             .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best })
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &l)| {
+                if l > best.1 {
+                    (i, l)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     if !params.do_sample || params.temperature <= 0.0 {
@@ -183,14 +209,24 @@ pub struct TextStream {
 impl TextStream {
     /// An empty stream.
     pub fn new() -> Self {
-        Self { ids: Vec::new(), printed: 0 }
+        Self {
+            ids: Vec::new(),
+            printed: 0,
+        }
     }
 
     /// Adds a token and returns the text that became printable, if any.
-    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> Result<String>) -> Result<Option<String>> {
+    pub fn push(
+        &mut self,
+        id: u32,
+        decode: impl Fn(&[u32]) -> Result<String>,
+    ) -> Result<Option<String>> {
         self.ids.push(id);
         let text = decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.printed
+            || !text.is_char_boundary(self.printed)
+        {
             return Ok(None);
         }
         let piece = text[self.printed..].to_string();

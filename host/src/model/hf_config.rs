@@ -204,15 +204,15 @@ impl<'a> Keys<'a> {
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.error(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| self.error(key, "missing"))
+        self.usize_opt(key)?
+            .ok_or_else(|| self.error(key, "missing"))
     }
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
@@ -279,7 +279,8 @@ impl ModelConfig {
 
     /// Parses the text of a `config.json`; `path` only names the file in errors.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| ModelError::file(path, format!("invalid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::file(path, format!("invalid JSON: {e}")))?;
         let Value::Object(raw) = value else {
             return Err(ModelError::file(path, "expected a JSON object"));
         };
@@ -287,13 +288,22 @@ impl ModelConfig {
     }
 
     fn from_map(raw: Map<String, Value>, path: &Path) -> Result<Self> {
-        let keys = Keys { path, object: &raw, prefix: "" };
+        let keys = Keys {
+            path,
+            object: &raw,
+            prefix: "",
+        };
         let architecture = architecture_of(&keys)?;
         let hidden_size = keys.usize("hidden_size")?;
         let num_attention_heads = keys.usize("num_attention_heads")?;
         let num_hidden_layers = keys.usize("num_hidden_layers")?;
-        let num_key_value_heads = keys.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        let num_key_value_heads = keys
+            .usize_opt("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
             return Err(keys.error(
                 "num_key_value_heads",
                 format!("{num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"),
@@ -302,16 +312,32 @@ impl ModelConfig {
         let head_dim = match keys.usize_opt("head_dim")? {
             Some(d) => d,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => return Err(keys.error("head_dim", "missing, and hidden_size is not a multiple of num_attention_heads")),
+            None => {
+                return Err(keys.error(
+                    "head_dim",
+                    "missing, and hidden_size is not a multiple of num_attention_heads",
+                ))
+            }
         };
         if head_dim % 2 != 0 {
-            return Err(keys.error("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head size")));
+            return Err(keys.error(
+                "head_dim",
+                format!("{head_dim} is odd; rotary embeddings need an even head size"),
+            ));
         }
         let gemma = architecture == Architecture::Gemma2;
-        let activation_key = if gemma { "hidden_activation" } else { "hidden_act" };
+        let activation_key = if gemma {
+            "hidden_activation"
+        } else {
+            "hidden_act"
+        };
         let activation_name = keys
             .str_opt(activation_key)?
-            .or(if gemma { keys.str_opt("hidden_act")? } else { None })
+            .or(if gemma {
+                keys.str_opt("hidden_act")?
+            } else {
+                None
+            })
             .unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" });
         let activation = match activation_name {
             "silu" | "swish" => Activation::Silu,
@@ -320,13 +346,20 @@ impl ModelConfig {
             other => {
                 return Err(keys.error(
                     activation_key,
-                    format!("activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh)"),
+                    format!(
+                        "activation `{other}` is not supported (silu, gelu, gelu_pytorch_tanh)"
+                    ),
                 ))
             }
         };
         let sliding_window = keys.usize_opt("sliding_window")?;
-        let layer_attention = layer_attention(&keys, architecture, num_hidden_layers, sliding_window)?;
-        let query_pre_attn_scalar = if gemma { keys.f64_opt("query_pre_attn_scalar")? } else { None };
+        let layer_attention =
+            layer_attention(&keys, architecture, num_hidden_layers, sliding_window)?;
+        let query_pre_attn_scalar = if gemma {
+            keys.f64_opt("query_pre_attn_scalar")?
+        } else {
+            None
+        };
         let attention_scale = query_pre_attn_scalar.unwrap_or(head_dim as f64).powf(-0.5);
         let tie_default = gemma;
         Ok(Self {
@@ -342,16 +375,27 @@ impl ModelConfig {
             max_position_embeddings: keys.usize_opt("max_position_embeddings")?.unwrap_or(2048),
             rope: rope_config(&keys)?,
             tie_word_embeddings: keys.bool_opt("tie_word_embeddings")?.unwrap_or(tie_default),
-            attention_bias: matches!(architecture, Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma2)
-                && keys.bool_opt("attention_bias")?.unwrap_or(false),
+            attention_bias: matches!(
+                architecture,
+                Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma2
+            ) && keys.bool_opt("attention_bias")?.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2,
-            mlp_bias: architecture == Architecture::Llama && keys.bool_opt("mlp_bias")?.unwrap_or(false),
+            mlp_bias: architecture == Architecture::Llama
+                && keys.bool_opt("mlp_bias")?.unwrap_or(false),
             activation,
             layer_attention,
             qk_norm: architecture == Architecture::Qwen3,
             attention_scale,
-            attn_logit_softcapping: if gemma { keys.f64_opt("attn_logit_softcapping")? } else { None },
-            final_logit_softcapping: if gemma { keys.f64_opt("final_logit_softcapping")? } else { None },
+            attn_logit_softcapping: if gemma {
+                keys.f64_opt("attn_logit_softcapping")?
+            } else {
+                None
+            },
+            final_logit_softcapping: if gemma {
+                keys.f64_opt("final_logit_softcapping")?
+            } else {
+                None
+            },
             gemma_norms: gemma,
             eos_token_ids: keys.token_ids("eos_token_id")?,
             bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
@@ -369,10 +413,12 @@ impl ModelConfig {
 fn architecture_of(keys: &Keys) -> Result<Architecture> {
     let supported = || Architecture::SUPPORTED.to_vec();
     if let Some(model_type) = keys.str_opt("model_type")? {
-        return Architecture::from_model_type(model_type).ok_or_else(|| ModelError::UnsupportedArchitecture {
-            path: keys.path.to_path_buf(),
-            found: model_type.to_string(),
-            supported: supported(),
+        return Architecture::from_model_type(model_type).ok_or_else(|| {
+            ModelError::UnsupportedArchitecture {
+                path: keys.path.to_path_buf(),
+                found: model_type.to_string(),
+                supported: supported(),
+            }
         });
     }
     let names: Vec<&str> = keys
@@ -380,11 +426,17 @@ fn architecture_of(keys: &Keys) -> Result<Architecture> {
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    if let Some(arch) = names.iter().find_map(|n| Architecture::from_architectures_entry(n)) {
+    if let Some(arch) = names
+        .iter()
+        .find_map(|n| Architecture::from_architectures_entry(n))
+    {
         return Ok(arch);
     }
     if names.is_empty() {
-        return Err(keys.error("model_type", "missing (and no `architectures` entry names a supported model)"));
+        return Err(keys.error(
+            "model_type",
+            "missing (and no `architectures` entry names a supported model)",
+        ));
     }
     Err(ModelError::UnsupportedArchitecture {
         path: keys.path.to_path_buf(),
@@ -398,20 +450,39 @@ fn rope_config(keys: &Keys) -> Result<RopeConfig> {
     // at top level and the scaling, if any, under `rope_scaling`.
     let (params, prefix) = match keys.get("rope_parameters") {
         Some(Value::Object(p)) => (Some(p), "rope_parameters"),
-        Some(v) => return Err(keys.error("rope_parameters", format!("expected an object, found {v}"))),
+        Some(v) => {
+            return Err(keys.error("rope_parameters", format!("expected an object, found {v}")))
+        }
         None => match keys.get("rope_scaling") {
             Some(Value::Object(p)) => (Some(p), "rope_scaling"),
-            Some(v) => return Err(keys.error("rope_scaling", format!("expected an object or null, found {v}"))),
+            Some(v) => {
+                return Err(keys.error(
+                    "rope_scaling",
+                    format!("expected an object or null, found {v}"),
+                ))
+            }
             None => (None, "rope_scaling"),
         },
     };
-    let nested = params.map(|object| Keys { path: keys.path, object, prefix });
-    let theta = match nested.as_ref().map(|n| n.f64_opt("rope_theta")).transpose()?.flatten() {
+    let nested = params.map(|object| Keys {
+        path: keys.path,
+        object,
+        prefix,
+    });
+    let theta = match nested
+        .as_ref()
+        .map(|n| n.f64_opt("rope_theta"))
+        .transpose()?
+        .flatten()
+    {
         Some(t) => t,
         None => keys.f64_opt("rope_theta")?.unwrap_or(10000.0),
     } as f32;
     let Some(n) = nested else {
-        return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
+        return Ok(RopeConfig {
+            theta,
+            scaling: RopeScaling::Default,
+        });
     };
     let rope_type = match n.str_opt("rope_type")? {
         Some(t) => t,
@@ -419,7 +490,9 @@ fn rope_config(keys: &Keys) -> Result<RopeConfig> {
     };
     let scaling = match rope_type {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: n.f64("factor")? as f32 },
+        "linear" => RopeScaling::Linear {
+            factor: n.f64("factor")? as f32,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: n.f64("factor")? as f32,
             low_freq_factor: n.f64("low_freq_factor")? as f32,
@@ -455,7 +528,10 @@ fn layer_attention(
         if list.len() != layers {
             return Err(keys.error(
                 "layer_types",
-                format!("has {} entries but num_hidden_layers is {layers}", list.len()),
+                format!(
+                    "has {} entries but num_hidden_layers is {layers}",
+                    list.len()
+                ),
             ));
         }
         return list
@@ -463,7 +539,9 @@ fn layer_attention(
             .enumerate()
             .map(|(i, t)| match t.as_str() {
                 Some("full_attention") => Ok(LayerAttention::Full),
-                Some("sliding_attention") => sliding(&format!("layer_types[{i}] = sliding_attention")),
+                Some("sliding_attention") => {
+                    sliding(&format!("layer_types[{i}] = sliding_attention"))
+                }
                 _ => Err(keys.error(
                     &format!("layer_types[{i}]"),
                     format!("expected \"full_attention\" or \"sliding_attention\", found {t}"),
@@ -477,7 +555,13 @@ fn layer_attention(
             _ => vec![LayerAttention::Full; layers],
         },
         Architecture::Gemma2 => (0..layers)
-            .map(|i| if i % 2 == 0 { sliding("gemma2") } else { Ok(LayerAttention::Full) })
+            .map(|i| {
+                if i % 2 == 0 {
+                    sliding("gemma2")
+                } else {
+                    Ok(LayerAttention::Full)
+                }
+            })
             .collect::<Result<_>>()?,
         Architecture::Qwen2 | Architecture::Qwen3 => {
             let use_sliding = keys.bool_opt("use_sliding_window")?.unwrap_or(false);

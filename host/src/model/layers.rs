@@ -66,11 +66,18 @@ impl DropoutRng {
         Self(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))
     }
 
-    fn mask(&self, shape: &[usize], p: f32, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+    fn mask(
+        &self,
+        shape: &[usize],
+        p: f32,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
         let keep = 1.0 / (1.0 - p);
         let mut rng = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let values: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
         Tensor::from_vec(values, shape, device)
     }
 }
@@ -130,7 +137,9 @@ impl Linear {
         }
         if let Some(lora) = &self.lora {
             let input = match dropout {
-                Some(rng) if lora.dropout > 0.0 => (&flat * rng.mask(flat.dims(), lora.dropout, flat.device())?)?,
+                Some(rng) if lora.dropout > 0.0 => {
+                    (&flat * rng.mask(flat.dims(), lora.dropout, flat.device())?)?
+                }
                 _ => flat.clone(),
             };
             let low = input.matmul(&lora.a.tensor().t()?)?;
@@ -181,7 +190,10 @@ impl Embedding {
         let (batch, len) = ids.dims2()?;
         let hidden = self.weight.tensor().dim(1)?;
         let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
-        self.weight.tensor().index_select(&flat, 0)?.reshape((batch, len, hidden))
+        self.weight
+            .tensor()
+            .index_select(&flat, 0)?
+            .reshape((batch, len, hidden))
     }
 
     /// Visits the weight.

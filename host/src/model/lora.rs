@@ -78,7 +78,9 @@ fn module_name(path: &str) -> &str {
 fn matches_target(target: &TargetModules, regex: Option<&regex::Regex>, path: &str) -> bool {
     match target {
         TargetModules::AllLinear => path != "lm_head",
-        TargetModules::Names(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+        TargetModules::Names(names) => names
+            .iter()
+            .any(|n| path == n || path.ends_with(&format!(".{n}"))),
         TargetModules::Regex(_) => regex.is_some_and(|r| r.is_match(path)),
     }
 }
@@ -87,7 +89,11 @@ fn compile_target(target: &TargetModules) -> Result<Option<regex::Regex>> {
     match target {
         TargetModules::Regex(pattern) => regex::Regex::new(&format!("^(?:{pattern})$"))
             .map(Some)
-            .map_err(|e| ModelError::Invalid(format!("lora_target_modules: invalid regular expression: {e}"))),
+            .map_err(|e| {
+                ModelError::Invalid(format!(
+                    "lora_target_modules: invalid regular expression: {e}"
+                ))
+            }),
         _ => Ok(None),
     }
 }
@@ -114,7 +120,9 @@ pub fn attach_new(model: &mut CausalLm, settings: &LoraSettings, seed: u64) -> R
         }
         let (out, inp) = (linear.out_features(), linear.in_features());
         let bound = 1.0 / (inp as f32).sqrt();
-        let a: Vec<f32> = (0..settings.r * inp).map(|_| rng.random_range(-bound..bound)).collect();
+        let a: Vec<f32> = (0..settings.r * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
         let a = Tensor::from_vec(a, (settings.r, inp), &device)?;
         let b = Tensor::zeros((out, settings.r), DType::F32, &device)?;
         linear.lora = Some(LoraAdapter {
@@ -138,7 +146,10 @@ pub fn attach_new(model: &mut CausalLm, settings: &LoraSettings, seed: u64) -> R
     }
     if let TargetModules::Names(names) = &settings.target {
         let found: BTreeSet<&str> = adapted.iter().map(|p| module_name(p)).collect();
-        let missing: Vec<&String> = names.iter().filter(|n| !found.contains(n.as_str())).collect();
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !found.contains(n.as_str()))
+            .collect();
         if !missing.is_empty() {
             return Err(ModelError::Invalid(format!(
                 "lora_target_modules: {missing:?} not found in the model (linear modules: {})",
@@ -151,7 +162,11 @@ pub fn attach_new(model: &mut CausalLm, settings: &LoraSettings, seed: u64) -> R
 }
 
 fn linear_module_names(model: &CausalLm) -> Vec<String> {
-    let set: BTreeSet<String> = model.linears().iter().map(|l| module_name(&l.path).to_string()).collect();
+    let set: BTreeSet<String> = model
+        .linears()
+        .iter()
+        .map(|l| module_name(&l.path).to_string())
+        .collect();
     set.into_iter().collect()
 }
 
@@ -204,7 +219,11 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path, trainable: bool) -> Result
     let mut tensors = safetensors_io::load_file(&weights_path, DType::F32, model.device())?;
     freeze_all(model);
     let wrap = |t: Tensor| -> Result<Param> {
-        Ok(if trainable { Param::Trainable(Var::from_tensor(&t)?) } else { Param::Frozen(t) })
+        Ok(if trainable {
+            Param::Trainable(Var::from_tensor(&t)?)
+        } else {
+            Param::Frozen(t)
+        })
     };
     let scale = settings.scale();
     for linear in model.linears_mut() {
@@ -213,11 +232,20 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path, trainable: bool) -> Result
         if let Some(a) = tensors.get(&a_name) {
             let r = a.dim(0)?;
             if r != settings.r {
-                return Err(ModelError::tensor(&weights_path, &a_name, format!("has rank {r} but {ADAPTER_CONFIG} says r = {}", settings.r)));
+                return Err(ModelError::tensor(
+                    &weights_path,
+                    &a_name,
+                    format!("has rank {r} but {ADAPTER_CONFIG} says r = {}", settings.r),
+                ));
             }
             let a = tensors.take(&a_name, &[r, linear.in_features()])?;
             let b = tensors.take(&b_name, &[linear.out_features(), r])?;
-            linear.lora = Some(LoraAdapter { a: wrap(a)?, b: wrap(b)?, scale, dropout: settings.dropout });
+            linear.lora = Some(LoraAdapter {
+                a: wrap(a)?,
+                b: wrap(b)?,
+                scale,
+                dropout: settings.dropout,
+            });
         }
     }
     let embed_name = format!("{PEFT_PREFIX}model.embed_tokens.weight");
@@ -227,7 +255,9 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path, trainable: bool) -> Result
     }
     for linear in model.linears_mut() {
         let w_name = format!("{PEFT_PREFIX}{}.weight", linear.path);
-        if let Some(t) = tensors.take_opt(&w_name, &[linear.out_features(), linear.in_features()])? {
+        if let Some(t) =
+            tensors.take_opt(&w_name, &[linear.out_features(), linear.in_features()])?
+        {
             linear.weight = wrap(t)?;
             linear.saved_with_adapter = true;
             let b_name = format!("{PEFT_PREFIX}{}.bias", linear.path);
@@ -241,7 +271,10 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path, trainable: bool) -> Result
         return Err(ModelError::tensor(
             file,
             name,
-            format!("does not belong to any module of this {} model", model.config.architecture.model_type()),
+            format!(
+                "does not belong to any module of this {} model",
+                model.config.architecture.model_type()
+            ),
         ));
     }
     Ok(settings)
@@ -250,24 +283,40 @@ pub fn load_adapter(model: &mut CausalLm, dir: &Path, trainable: bool) -> Result
 /// Reads a PEFT `adapter_config.json`, refusing adapter kinds axl does not implement.
 pub fn read_adapter_config(path: &Path) -> Result<LoraSettings> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::file(path, format!("invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::file(path, format!("invalid JSON: {e}")))?;
     let key_err = |k: &str, m: &str| ModelError::key(path, k, m);
     let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
     if peft_type != "LORA" {
-        return Err(key_err("peft_type", &format!("`{peft_type}` adapters are not supported (LORA only)")));
+        return Err(key_err(
+            "peft_type",
+            &format!("`{peft_type}` adapters are not supported (LORA only)"),
+        ));
     }
     if v.get("use_dora").and_then(Value::as_bool).unwrap_or(false) {
         return Err(key_err("use_dora", "DoRA adapters are not supported"));
     }
     for k in ["rank_pattern", "alpha_pattern"] {
-        if v.get(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        if v.get(k)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
             return Err(key_err(k, "per-module ranks or alphas are not supported"));
         }
     }
-    if v.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false) {
-        return Err(key_err("fan_in_fan_out", "adapters for Conv1D (fan_in_fan_out) layers are not supported"));
+    if v.get("fan_in_fan_out")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+    {
+        return Err(key_err(
+            "fan_in_fan_out",
+            "adapters for Conv1D (fan_in_fan_out) layers are not supported",
+        ));
     }
-    let r = v.get("r").and_then(Value::as_u64).ok_or_else(|| key_err("r", "missing or not an integer"))? as usize;
+    let r = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| key_err("r", "missing or not an integer"))? as usize;
     let alpha = v
         .get("lora_alpha")
         .and_then(Value::as_f64)
@@ -290,12 +339,22 @@ pub fn read_adapter_config(path: &Path) -> Result<LoraSettings> {
             a.iter()
                 .map(|x| x.as_u64().map(|n| n as usize))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| key_err("layers_to_transform", "expected a list of layer indices"))?,
+                .ok_or_else(|| {
+                    key_err("layers_to_transform", "expected a list of layer indices")
+                })?,
         ),
-        Some(_) => return Err(key_err("layers_to_transform", "expected a list of layer indices")),
+        Some(_) => {
+            return Err(key_err(
+                "layers_to_transform",
+                "expected a list of layer indices",
+            ))
+        }
     };
     let modules_to_save = match v.get("modules_to_save") {
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
         _ => vec![],
     };
     Ok(LoraSettings {
@@ -304,7 +363,10 @@ pub fn read_adapter_config(path: &Path) -> Result<LoraSettings> {
         dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
         target,
         modules_to_save,
-        use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         layers_to_transform,
     })
 }
@@ -313,9 +375,13 @@ pub fn read_adapter_config(path: &Path) -> Result<LoraSettings> {
 /// weights of `modules_to_save`).
 pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
-    let mut push = |name: String, p: &Param| out.push((format!("{PEFT_PREFIX}{name}"), p.tensor().detach()));
+    let mut push =
+        |name: String, p: &Param| out.push((format!("{PEFT_PREFIX}{name}"), p.tensor().detach()));
     if model.embed_tokens.saved_with_adapter {
-        push(format!("{}.weight", model.embed_tokens.path), &model.embed_tokens.weight);
+        push(
+            format!("{}.weight", model.embed_tokens.path),
+            &model.embed_tokens.weight,
+        );
     }
     let mut linears = model.linears();
     if model.config.tie_word_embeddings {
@@ -339,10 +405,17 @@ pub fn adapter_tensors(model: &CausalLm) -> Vec<(String, Tensor)> {
 
 /// Writes the adapter as PEFT does: `adapter_config.json` and `adapter_model.safetensors`
 /// (atomically each). `base_model` is recorded as `base_model_name_or_path`.
-pub fn save_adapter(model: &CausalLm, settings: &LoraSettings, dir: &Path, base_model: &str) -> Result<Vec<PathBuf>> {
+pub fn save_adapter(
+    model: &CausalLm,
+    settings: &LoraSettings,
+    dir: &Path,
+    base_model: &str,
+) -> Result<Vec<PathBuf>> {
     let tensors = adapter_tensors(model);
     if tensors.is_empty() {
-        return Err(ModelError::Invalid("the model has no adapter to save".into()));
+        return Err(ModelError::Invalid(
+            "the model has no adapter to save".into(),
+        ));
     }
     let mut targets: BTreeSet<String> = BTreeSet::new();
     let mut linears = model.linears();
@@ -381,7 +454,8 @@ pub fn save_adapter(model: &CausalLm, settings: &LoraSettings, dir: &Path, base_
     let weights = dir.join(ADAPTER_WEIGHTS);
     safetensors_io::save_file(&weights, &tensors, SaveDtype::F32)?;
     let config_path = dir.join(ADAPTER_CONFIG);
-    fsio::write_json_atomic(&config_path, &config).map_err(|e| ModelError::file(&config_path, e))?;
+    fsio::write_json_atomic(&config_path, &config)
+        .map_err(|e| ModelError::file(&config_path, e))?;
     Ok(vec![weights, config_path])
 }
 
@@ -389,7 +463,11 @@ pub fn save_adapter(model: &CausalLm, settings: &LoraSettings, dir: &Path, base_
 /// the module weights, leaving a plain model with frozen weights.
 pub fn merge(model: &mut CausalLm) -> Result<usize> {
     let mut merged = 0;
-    if model.config.tie_word_embeddings && (model.embed_tokens.saved_with_adapter || model.lm_head.saved_with_adapter || model.lm_head.lora.is_some()) {
+    if model.config.tie_word_embeddings
+        && (model.embed_tokens.saved_with_adapter
+            || model.lm_head.saved_with_adapter
+            || model.lm_head.lora.is_some())
+    {
         // Head and embedding no longer agree once either is changed on its own.
         model.untie_lm_head();
     }

@@ -6,11 +6,11 @@
 //! and [`generate`] decodes with a KV cache.
 
 pub mod error;
+pub mod frozen_linear;
+pub mod generate;
 pub mod hf_config;
 pub mod layers;
 pub mod lora;
-pub mod frozen_linear;
-pub mod generate;
 pub mod ops;
 pub mod resolve;
 pub mod safetensors_io;

@@ -11,13 +11,22 @@ use super::hf_config::{RopeConfig, RopeScaling};
 
 /// RMS normalization over the last dimension: `x / sqrt(mean(x²) + eps) * w`, or
 /// `* (1 + w)` in Gemma's form. Computed in f32 like transformers.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, one_plus_weight: bool) -> candle_core::Result<Tensor> {
+pub fn rms_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    one_plus_weight: bool,
+) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x.broadcast_mul(&(mean_square + eps)?.sqrt()?.recip()?)?;
     let weight = weight.to_dtype(DType::F32)?;
-    let scale = if one_plus_weight { (weight + 1.0)? } else { weight };
+    let scale = if one_plus_weight {
+        (weight + 1.0)?
+    } else {
+        weight
+    };
     normed.broadcast_mul(&scale)?.to_dtype(dtype)
 }
 
@@ -32,7 +41,11 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `log(sum(exp(x)))` over the last dimension, kept as a trailing dimension of size 1.
 pub fn log_sum_exp_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
-    x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?.broadcast_add(&max)
+    x.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)
 }
 
 /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
@@ -64,17 +77,27 @@ impl Rotary {
         let inv_freq = match config.scaling {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = original_max_position_embeddings as f32;
                 let low_freq_wavelen = old / low_freq_factor;
                 let high_freq_wavelen = old / high_freq_factor;
                 base.iter()
                     .map(|&f| {
                         let wavelen = (2.0 * std::f64::consts::PI) as f32 / f;
-                        let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                        let scaled = if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            f
+                        };
                         let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                         if medium {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * scaled / factor + smooth * scaled
                         } else {
                             scaled
@@ -87,7 +110,12 @@ impl Rotary {
     }
 
     /// `(cos, sin)` tables of shape `[len, head_dim]` for positions `start..start + len`.
-    pub fn tables(&self, start: usize, len: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn tables(
+        &self,
+        start: usize,
+        len: usize,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let dim = half * 2;
         let mut cos = Vec::with_capacity(len * dim);
@@ -111,7 +139,11 @@ impl Rotary {
 
 impl Rotary {
     /// `(cos, sin)` of shape `[batch, 1, len, head_dim]` for explicit positions per row.
-    pub fn tables_for_positions(&self, positions: &[Vec<usize>], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn tables_for_positions(
+        &self,
+        positions: &[Vec<usize>],
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let dim = self.inv_freq.len() * 2;
         let batch = positions.len();
         let len = positions.first().map_or(0, Vec::len);
@@ -228,7 +260,10 @@ impl TokenLoss {
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<TokenLoss> {
     let (batch, len, vocab) = logits.dims3()?;
     if len < 2 {
-        return Ok(TokenLoss { sum: Tensor::zeros((), DType::F32, logits.device())?, count: 0 });
+        return Ok(TokenLoss {
+            sum: Tensor::zeros((), DType::F32, logits.device())?,
+            count: 0,
+        });
     }
     let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
     let mut targets = Vec::with_capacity(batch * (len - 1));
@@ -251,7 +286,10 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<T
     }
     let device = logits.device();
     let rows = batch * (len - 1);
-    let shifted = logits.narrow(1, 0, len - 1)?.to_dtype(DType::F32)?.reshape((rows, vocab))?;
+    let shifted = logits
+        .narrow(1, 0, len - 1)?
+        .to_dtype(DType::F32)?
+        .reshape((rows, vocab))?;
     let targets = Tensor::from_vec(targets, (rows, 1), device)?;
     let weights = Tensor::from_vec(weights, rows, device)?;
     let picked = shifted.gather(&targets, 1)?.squeeze(1)?;

@@ -20,7 +20,10 @@ pub struct HubSettings {
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 impl HubSettings {
@@ -49,7 +52,8 @@ impl HubSettings {
         });
         Self {
             cache_dirs,
-            offline: var("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v)) || var("TRANSFORMERS_OFFLINE").is_some_and(|v| truthy(&v)),
+            offline: var("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v))
+                || var("TRANSFORMERS_OFFLINE").is_some_and(|v| truthy(&v)),
             endpoint: var("HF_ENDPOINT"),
             token: var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")),
         }
@@ -67,7 +71,9 @@ fn is_path_like(reference: &str) -> bool {
 
 fn expand_home(reference: &str) -> PathBuf {
     match reference.strip_prefix("~/") {
-        Some(rest) => std::env::var("HOME").map(|h| PathBuf::from(h).join(rest)).unwrap_or_else(|_| PathBuf::from(reference)),
+        Some(rest) => std::env::var("HOME")
+            .map(|h| PathBuf::from(h).join(rest))
+            .unwrap_or_else(|_| PathBuf::from(reference)),
         None => PathBuf::from(reference),
     }
 }
@@ -89,7 +95,14 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str) -> Option<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|d| d.join("config.json").is_file())
-        .map(|d| (d.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), d))
+        .map(|d| {
+            (
+                d.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                d,
+            )
+        })
         .collect();
     candidates.sort();
     candidates.pop().map(|(_, d)| d)
@@ -103,7 +116,10 @@ pub fn resolve_model(reference: &str, hub: &HubSettings) -> Result<PathBuf> {
     }
     let mut looked_in = vec![format!("{} (no such directory)", local.display())];
     if is_path_like(reference) {
-        return Err(ModelError::NotFound { reference: reference.to_string(), looked_in });
+        return Err(ModelError::NotFound {
+            reference: reference.to_string(),
+            looked_in,
+        });
     }
     for cache in &hub.cache_dirs {
         if let Some(dir) = cached_snapshot(cache, reference) {
@@ -111,18 +127,26 @@ pub fn resolve_model(reference: &str, hub: &HubSettings) -> Result<PathBuf> {
         }
         looked_in.push(format!(
             "{} (Hugging Face cache)",
-            cache.join(format!("models--{}", reference.replace('/', "--"))).display()
+            cache
+                .join(format!("models--{}", reference.replace('/', "--")))
+                .display()
         ));
     }
     if hub.offline {
         looked_in.push("the Hugging Face Hub: not contacted, HF_HUB_OFFLINE is set".into());
-        return Err(ModelError::NotFound { reference: reference.to_string(), looked_in });
+        return Err(ModelError::NotFound {
+            reference: reference.to_string(),
+            looked_in,
+        });
     }
     match download(reference, hub) {
         Ok(dir) => Ok(dir),
         Err(e) => {
             looked_in.push(format!("the Hugging Face Hub: {e}"));
-            Err(ModelError::NotFound { reference: reference.to_string(), looked_in })
+            Err(ModelError::NotFound {
+                reference: reference.to_string(),
+                looked_in,
+            })
         }
     }
 }
@@ -139,7 +163,11 @@ const OPTIONAL_FILES: [&str; 7] = [
 ];
 
 fn download(repo_id: &str, hub: &HubSettings) -> std::result::Result<PathBuf, String> {
-    let cache_dir = hub.cache_dirs.first().cloned().ok_or("no cache directory to download into")?;
+    let cache_dir = hub
+        .cache_dirs
+        .first()
+        .cloned()
+        .ok_or("no cache directory to download into")?;
     let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
         .with_progress(false)
         .with_token(hub.token.clone());
@@ -148,16 +176,26 @@ fn download(repo_id: &str, hub: &HubSettings) -> std::result::Result<PathBuf, St
     }
     let api = builder.build().map_err(|e| e.to_string())?;
     let repo = api.model(repo_id.to_string());
-    let config = repo.get("config.json").map_err(|e| format!("config.json: {e}"))?;
-    let dir = config.parent().ok_or("downloaded file has no directory")?.to_path_buf();
+    let config = repo
+        .get("config.json")
+        .map_err(|e| format!("config.json: {e}"))?;
+    let dir = config
+        .parent()
+        .ok_or("downloaded file has no directory")?
+        .to_path_buf();
     match repo.get(super::safetensors_io::INDEX_FILE) {
         Ok(index) => {
             let text = std::fs::read_to_string(&index).map_err(|e| e.to_string())?;
-            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
             let mut shards: Vec<String> = value
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();

@@ -28,7 +28,10 @@ pub struct TensorSet {
 impl TensorSet {
     /// An empty set; `source` names it in errors.
     pub fn empty(source: PathBuf) -> Self {
-        Self { tensors: HashMap::new(), source }
+        Self {
+            tensors: HashMap::new(),
+            source,
+        }
     }
 
     /// A set of in-memory tensors (e.g. freshly initialized weights); `source` names it in errors.
@@ -69,9 +72,10 @@ impl TensorSet {
 
     /// Removes and returns a tensor, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let (tensor, file) = self.tensors.remove(name).ok_or_else(|| {
-            ModelError::tensor(&self.source, name, "missing")
-        })?;
+        let (tensor, file) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::tensor(&self.source, name, "missing"))?;
         if tensor.dims() != shape {
             return Err(ModelError::tensor(
                 file,
@@ -133,21 +137,32 @@ pub fn load_model_weights(dir: &Path, dtype: DType, device: &Device) -> Result<T
 fn load_sharded(index: &Path, dtype: DType, device: &Device) -> Result<TensorSet> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let text = std::fs::read_to_string(index).map_err(|e| ModelError::file(index, e))?;
-    let value: Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::file(index, format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::file(index, format!("invalid JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| ModelError::key(index, "weight_map", "missing or not an object"))?;
     let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| ModelError::key(index, format!("weight_map.{tensor}"), "expected a file name"))?;
+        let file = file.as_str().ok_or_else(|| {
+            ModelError::key(
+                index,
+                format!("weight_map.{tensor}"),
+                "expected a file name",
+            )
+        })?;
         if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-            return Err(ModelError::key(index, format!("weight_map.{tensor}"), format!("`{file}` is not a file of this directory")));
+            return Err(ModelError::key(
+                index,
+                format!("weight_map.{tensor}"),
+                format!("`{file}` is not a file of this directory"),
+            ));
         }
-        expected.entry(file.to_string()).or_default().push(tensor.clone());
+        expected
+            .entry(file.to_string())
+            .or_default()
+            .push(tensor.clone());
     }
     let mut set = TensorSet::empty(dir.to_path_buf());
     for (file, names) in &expected {
@@ -185,13 +200,18 @@ fn load_file_into(path: &Path, dtype: DType, device: &Device, set: &mut TensorSe
     let st = SafeTensors::deserialize(&mmap)
         .map_err(|e| ModelError::file(path, format!("not a valid safetensors file: {e}")))?;
     for (name, view) in st.tensors() {
-        let tensor = view_to_tensor(&view, dtype, device).map_err(|m| ModelError::tensor(path, &name, m))?;
+        let tensor =
+            view_to_tensor(&view, dtype, device).map_err(|m| ModelError::tensor(path, &name, m))?;
         set.insert(name, tensor, path.to_path_buf())?;
     }
     Ok(())
 }
 
-fn view_to_tensor(view: &TensorView, dtype: DType, device: &Device) -> std::result::Result<Tensor, String> {
+fn view_to_tensor(
+    view: &TensorView,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<Tensor, String> {
     let source = match view.dtype() {
         StDtype::F32 => DType::F32,
         StDtype::F16 => DType::F16,
@@ -202,7 +222,8 @@ fn view_to_tensor(view: &TensorView, dtype: DType, device: &Device) -> std::resu
         StDtype::U8 => DType::U8,
         other => return Err(format!("dtype {other:?} is not supported")),
     };
-    let tensor = Tensor::from_raw_buffer(view.data(), source, view.shape(), device).map_err(|e| e.to_string())?;
+    let tensor = Tensor::from_raw_buffer(view.data(), source, view.shape(), device)
+        .map_err(|e| e.to_string())?;
     if source.is_float() && source != dtype {
         tensor.to_dtype(dtype).map_err(|e| e.to_string())
     } else {
@@ -234,14 +255,26 @@ impl SaveDtype {
 fn tensor_bytes(tensor: &Tensor, dtype: SaveDtype) -> candle_core::Result<(StDtype, Vec<u8>)> {
     let flat = tensor.to_dtype(dtype.candle())?.flatten_all()?;
     Ok(match dtype {
-        SaveDtype::F32 => (StDtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        SaveDtype::F32 => (
+            StDtype::F32,
+            flat.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
         SaveDtype::BF16 => (
             StDtype::BF16,
-            flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            flat.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         ),
         SaveDtype::F16 => (
             StDtype::F16,
-            flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            flat.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         ),
     })
 }
@@ -263,7 +296,8 @@ pub fn serialize(tensors: &[(String, Tensor)], dtype: SaveDtype) -> Result<Vec<u
         })
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| ModelError::Invalid(e.to_string()))
+    safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| ModelError::Invalid(e.to_string()))
 }
 
 /// Writes one safetensors file atomically.
@@ -308,7 +342,8 @@ pub fn save_model_weights(
         let mut weight_map = serde_json::Map::new();
         for (i, shard) in shards.iter().enumerate() {
             let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
-            let owned: Vec<(String, Tensor)> = shard.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+            let owned: Vec<(String, Tensor)> =
+                shard.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
             let path = dir.join(&name);
             save_file(&path, &owned, dtype)?;
             for (n, _) in &owned {

@@ -31,7 +31,11 @@ pub const DEFAULT_MAX_SHARD_BYTES: usize = 5 * 1024 * 1024 * 1024;
 /// The dtype a model's `config.json` says its weights are stored in.
 pub fn stored_dtype(model: &CausalLm) -> SaveDtype {
     let raw = &model.config.raw;
-    let name = raw.get("dtype").or_else(|| raw.get("torch_dtype")).and_then(Value::as_str).unwrap_or("float32");
+    let name = raw
+        .get("dtype")
+        .or_else(|| raw.get("torch_dtype"))
+        .and_then(Value::as_str)
+        .unwrap_or("float32");
     match name {
         "bfloat16" => SaveDtype::BF16,
         "float16" => SaveDtype::F16,
@@ -79,9 +83,13 @@ pub fn save_pretrained(
     };
     config.remove("torch_dtype");
     config.insert("dtype".into(), Value::String(dtype_name.into()));
-    config.insert("tie_word_embeddings".into(), Value::Bool(model.lm_head_is_tied()));
+    config.insert(
+        "tie_word_embeddings".into(),
+        Value::Bool(model.lm_head_is_tied()),
+    );
     let config_path = dir.join("config.json");
-    fsio::write_json_atomic(&config_path, &Value::Object(config)).map_err(|e| ModelError::file(&config_path, e))?;
+    fsio::write_json_atomic(&config_path, &Value::Object(config))
+        .map_err(|e| ModelError::file(&config_path, e))?;
     written.push(config_path);
     if let Some(src) = source_dir {
         written.extend(copy_tokenizer_files(src, dir)?);

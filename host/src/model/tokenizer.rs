@@ -74,7 +74,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
 
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|n| n as u32))
+            .collect(),
         Some(x) => x.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
         None => vec![],
     }
@@ -85,22 +88,35 @@ impl ModelTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(ModelError::file(&path, "missing (axl needs a fast tokenizer's tokenizer.json)"));
+            return Err(ModelError::file(
+                &path,
+                "missing (axl needs a fast tokenizer's tokenizer.json)",
+            ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::file(&path, format!("cannot load: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::file(&path, format!("cannot load: {e}")))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json(&config_path)?.unwrap_or(Value::Null);
         let special = |key: &str| -> Result<Option<(String, u32)>> {
-            let Some(content) = config.get(key).and_then(token_content) else { return Ok(None) };
+            let Some(content) = config.get(key).and_then(token_content) else {
+                return Ok(None);
+            };
             let id = inner.token_to_id(&content).ok_or_else(|| {
-                ModelError::key(&config_path, key, format!("`{content}` is not in the vocabulary of tokenizer.json"))
+                ModelError::key(
+                    &config_path,
+                    key,
+                    format!("`{content}` is not in the vocabulary of tokenizer.json"),
+                )
             })?;
             Ok(Some((content, id)))
         };
         let bos = special("bos_token")?;
         let eos = special("eos_token")?;
         let pad = special("pad_token")?;
-        let add_bos_token = config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let add_bos_token = config
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let chat_template = Self::read_chat_template(dir, &config, &config_path)?;
         let generation = match read_json(&dir.join("generation_config.json"))? {
             None => GenerationDefaults::default(),
@@ -113,7 +129,10 @@ impl ModelTokenizer {
                 top_p: g.get("top_p").and_then(Value::as_f64),
                 top_k: g.get("top_k").and_then(Value::as_u64).map(|n| n as usize),
                 repetition_penalty: g.get("repetition_penalty").and_then(Value::as_f64),
-                max_new_tokens: g.get("max_new_tokens").and_then(Value::as_u64).map(|n| n as usize),
+                max_new_tokens: g
+                    .get("max_new_tokens")
+                    .and_then(Value::as_u64)
+                    .map(|n| n as usize),
             },
         };
         Ok(Self {
@@ -129,10 +148,16 @@ impl ModelTokenizer {
         })
     }
 
-    fn read_chat_template(dir: &Path, config: &Value, config_path: &Path) -> Result<Option<String>> {
+    fn read_chat_template(
+        dir: &Path,
+        config: &Value,
+        config_path: &Path,
+    ) -> Result<Option<String>> {
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
-            return std::fs::read_to_string(&jinja).map(Some).map_err(|e| ModelError::file(&jinja, e));
+            return std::fs::read_to_string(&jinja)
+                .map(Some)
+                .map_err(|e| ModelError::file(&jinja, e));
         }
         if let Some(v) = read_json(&dir.join("chat_template.json"))? {
             if let Some(t) = v.get("chat_template").and_then(Value::as_str) {
@@ -148,9 +173,16 @@ impl ModelTokenizer {
                     .iter()
                     .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                     .or_else(|| named.first());
-                Ok(pick.and_then(|t| t.get("template")).and_then(Value::as_str).map(str::to_string))
+                Ok(pick
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string))
             }
-            Some(other) => Err(ModelError::key(config_path, "chat_template", format!("expected a string, found {other}"))),
+            Some(other) => Err(ModelError::key(
+                config_path,
+                "chat_template",
+                format!("expected a string, found {other}"),
+            )),
         }
     }
 
@@ -188,7 +220,8 @@ impl ModelTokenizer {
             let size = self.inner.get_vocab_size(true);
             let mut table: Vec<Option<Vec<u8>>> = vec![None; size];
             for (token, id) in self.inner.get_vocab(false) {
-                let bytes: Option<Vec<u8>> = token.chars().map(|c| byte_of.get(&c).copied()).collect();
+                let bytes: Option<Vec<u8>> =
+                    token.chars().map(|c| byte_of.get(&c).copied()).collect();
                 if let Some(slot) = table.get_mut(id as usize) {
                     *slot = bytes;
                 }
@@ -210,7 +243,13 @@ impl ModelTokenizer {
         if let Some((_, id)) = &self.eos {
             out.push(*id);
         }
-        for eot in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>"] {
+        for eot in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|end|>",
+        ] {
             if let Some(id) = self.inner.token_to_id(eot) {
                 if self.inner.get_added_vocabulary().is_special_token(eot) {
                     out.push(id);
@@ -229,7 +268,8 @@ fn byte_level_decoding_table() -> std::collections::HashMap<char, u8> {
     let mut table = std::collections::HashMap::with_capacity(256);
     let mut next = 0u32;
     for b in 0u32..256 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let c = if printable {
             b
         } else {

@@ -25,7 +25,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, trainable: false }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: false,
+        }
     }
 }
 
@@ -90,7 +94,12 @@ struct LayerKv {
 impl LayerKv {
     /// Writes `k`, `v` (`[batch, kv_heads, new, head_dim]`) after the first `len` positions and
     /// returns views of all `len + new` positions.
-    fn append(slot: &mut Option<Self>, len: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    fn append(
+        slot: &mut Option<Self>,
+        len: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (batch, heads, new, dim) = k.dims4()?;
         let needed = len + new;
         let capacity = slot.as_ref().map_or(0, |s| s.keys.dim(2).unwrap_or(0));
@@ -107,7 +116,10 @@ impl LayerKv {
         let buffers = slot.as_ref().expect("allocated above");
         buffers.keys.slice_set(&k.contiguous()?, 2, len)?;
         buffers.values.slice_set(&v.contiguous()?, 2, len)?;
-        Ok((buffers.keys.narrow(2, 0, needed)?, buffers.values.narrow(2, 0, needed)?))
+        Ok((
+            buffers.keys.narrow(2, 0, needed)?,
+            buffers.values.narrow(2, 0, needed)?,
+        ))
     }
 }
 
@@ -201,13 +213,27 @@ impl Loader<'_> {
     }
 
     fn wrap(&self, t: Tensor) -> Result<Param> {
-        Ok(if self.trainable { Param::Trainable(candle_core::Var::from_tensor(&t)?) } else { Param::Frozen(t) })
+        Ok(if self.trainable {
+            Param::Trainable(candle_core::Var::from_tensor(&t)?)
+        } else {
+            Param::Frozen(t)
+        })
     }
 
     fn linear(&mut self, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let weight = self.param(&format!("{path}.weight"), &[out, inp])?;
-        let bias = if bias { Some(self.param(&format!("{path}.bias"), &[out])?) } else { None };
-        Ok(Linear { path: path.to_string(), weight, bias, lora: None, saved_with_adapter: false })
+        let bias = if bias {
+            Some(self.param(&format!("{path}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            path: path.to_string(),
+            weight,
+            bias,
+            lora: None,
+            saved_with_adapter: false,
+        })
     }
 
     fn norm(&mut self, path: &str, dim: usize, config: &ModelConfig) -> Result<RmsNorm> {
@@ -231,9 +257,16 @@ impl CausalLm {
     /// Builds the model from a config and a set of tensors named as transformers names them.
     /// Every tensor the architecture needs must be present with the right shape, and no
     /// tensor may be left over (a leftover means the checkpoint is of another layout).
-    pub fn from_weights(config: ModelConfig, weights: &mut TensorSet, options: &LoadOptions) -> Result<Self> {
+    pub fn from_weights(
+        config: ModelConfig,
+        weights: &mut TensorSet,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let c = &config;
-        let mut l = Loader { weights, trainable: options.trainable };
+        let mut l = Loader {
+            weights,
+            trainable: options.trainable,
+        };
         let h = c.hidden_size;
         let q_out = c.num_attention_heads * c.head_dim;
         let kv_out = c.num_key_value_heads * c.head_dim;
@@ -247,14 +280,37 @@ impl CausalLm {
                 k_proj: l.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, qkv_bias)?,
                 v_proj: l.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, qkv_bias)?,
                 o_proj: l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, c.attention_bias)?,
-                q_norm: if c.qk_norm { Some(l.norm(&format!("{p}.self_attn.q_norm"), c.head_dim, c)?) } else { None },
-                k_norm: if c.qk_norm { Some(l.norm(&format!("{p}.self_attn.k_norm"), c.head_dim, c)?) } else { None },
+                q_norm: if c.qk_norm {
+                    Some(l.norm(&format!("{p}.self_attn.q_norm"), c.head_dim, c)?)
+                } else {
+                    None
+                },
+                k_norm: if c.qk_norm {
+                    Some(l.norm(&format!("{p}.self_attn.k_norm"), c.head_dim, c)?)
+                } else {
+                    None
+                },
                 kind: c.layer_attention[i],
             };
             let mlp = Mlp {
-                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                up_proj: l.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                down_proj: l.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                gate_proj: l.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                up_proj: l.linear(
+                    &format!("{p}.mlp.up_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                down_proj: l.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    c.intermediate_size,
+                    c.mlp_bias,
+                )?,
                 activation: c.activation,
             };
             let layer = if c.gemma_norms {
@@ -313,7 +369,11 @@ impl CausalLm {
         }
         Ok(Self {
             rotary: ops::Rotary::new(&c.rope, c.head_dim),
-            embed_tokens: Embedding { path: "model.embed_tokens".into(), weight: embed_weight, saved_with_adapter: false },
+            embed_tokens: Embedding {
+                path: "model.embed_tokens".into(),
+                weight: embed_weight,
+                saved_with_adapter: false,
+            },
             layers,
             norm,
             lm_head,
@@ -335,7 +395,11 @@ impl CausalLm {
 
     /// Final hidden states `[batch, len, hidden]` for `input_ids` of shape `[batch, len]`.
     /// With a cache, the ids continue the cached positions and the cache is extended.
-    pub fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (_, len) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_deref_mut() {
@@ -345,8 +409,15 @@ impl CausalLm {
         }
         let (cos, sin) = self.rotary.tables(past, len, &self.device)?;
         let groups = self.config.gqa_groups();
-        let mask_for = |window| ops::attention_mask(len, past, past + len, window, groups, &self.device);
-        let hidden = self.run_layers(input_ids, &cos, &sin, &mask_for, cache.as_deref_mut().map(|c| (c, past)))?;
+        let mask_for =
+            |window| ops::attention_mask(len, past, past + len, window, groups, &self.device);
+        let hidden = self.run_layers(
+            input_ids,
+            &cos,
+            &sin,
+            &mask_for,
+            cache.as_deref_mut().map(|c| (c, past)),
+        )?;
         if let Some(c) = cache {
             c.len = past + len;
         }
@@ -356,14 +427,31 @@ impl CausalLm {
     /// Final hidden states for rows that each hold several packed sequences: positions restart
     /// at every sequence and no token attends across sequences, so each sequence is computed
     /// exactly as if it were alone.
-    pub fn hidden_states_packed(&self, input_ids: &Tensor, layout: &PackedLayout) -> Result<Tensor> {
+    pub fn hidden_states_packed(
+        &self,
+        input_ids: &Tensor,
+        layout: &PackedLayout,
+    ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
-        if layout.position_ids.len() != batch || layout.position_ids.iter().any(|p| p.len() != len) {
-            return Err(ModelError::Invalid(format!("packed layout does not match input of shape [{batch}, {len}]")));
+        if layout.position_ids.len() != batch || layout.position_ids.iter().any(|p| p.len() != len)
+        {
+            return Err(ModelError::Invalid(format!(
+                "packed layout does not match input of shape [{batch}, {len}]"
+            )));
         }
-        let (cos, sin) = self.rotary.tables_for_positions(&layout.position_ids, &self.device)?;
+        let (cos, sin) = self
+            .rotary
+            .tables_for_positions(&layout.position_ids, &self.device)?;
         let groups = self.config.gqa_groups();
-        let mask_for = |window| ops::packed_attention_mask(&layout.position_ids, &layout.sequence_ids, window, groups, &self.device);
+        let mask_for = |window| {
+            ops::packed_attention_mask(
+                &layout.position_ids,
+                &layout.sequence_ids,
+                window,
+                groups,
+                &self.device,
+            )
+        };
         self.run_layers(input_ids, &cos, &sin, &mask_for, None)
     }
 
@@ -396,7 +484,16 @@ impl CausalLm {
                 }
             };
             let layer_cache = cache.as_mut().map(|(c, past)| (&mut c.layers[i], *past));
-            x = self.layer_forward(layer, &x, &Positions { cos, sin, mask: &mask }, layer_cache)?;
+            x = self.layer_forward(
+                layer,
+                &x,
+                &Positions {
+                    cos,
+                    sin,
+                    mask: &mask,
+                },
+                layer_cache,
+            )?;
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -468,7 +565,9 @@ impl CausalLm {
         let groups = heads / kv_heads;
         // Query heads that share a key/value head are folded into the rows of one matmul, so
         // keys and values are never repeated.
-        let q = q.contiguous()?.reshape((batch, kv_heads, groups * len, d))?;
+        let q = q
+            .contiguous()?
+            .reshape((batch, kv_heads, groups * len, d))?;
         let mut scores = (q.matmul(&k.t()?)? * c.attention_scale)?;
         if let Some(cap) = c.attn_logit_softcapping {
             scores = ops::soft_cap(&scores, cap)?;
@@ -501,7 +600,15 @@ impl CausalLm {
         for layer in &self.layers {
             let a = &layer.self_attn;
             let m = &layer.mlp;
-            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+            out.extend([
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]);
         }
         if !self.config.tie_word_embeddings {
             out.push(&self.lm_head);
@@ -578,11 +685,19 @@ impl CausalLm {
         let map_norm = |n: &mut RmsNorm, f: &mut dyn FnMut(&str, &Param) -> Param| {
             n.weight = f(&format!("{}.weight", n.path), &n.weight);
         };
-        self.embed_tokens.weight = f(&format!("{}.weight", self.embed_tokens.path), &self.embed_tokens.weight);
+        self.embed_tokens.weight = f(
+            &format!("{}.weight", self.embed_tokens.path),
+            &self.embed_tokens.weight,
+        );
         for layer in &mut self.layers {
-            for n in [Some(&mut layer.attn_in), layer.attn_out.as_mut(), Some(&mut layer.ff_in), layer.ff_out.as_mut()]
-                .into_iter()
-                .flatten()
+            for n in [
+                Some(&mut layer.attn_in),
+                layer.attn_out.as_mut(),
+                Some(&mut layer.ff_in),
+                layer.ff_out.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 map_norm(n, f);
             }
@@ -614,7 +729,9 @@ impl CausalLm {
     /// the config says so (`tie_word_embeddings: false`), so saving writes `lm_head.weight`.
     pub fn untie_lm_head(&mut self) {
         self.config.tie_word_embeddings = false;
-        self.config.raw.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+        self.config
+            .raw
+            .insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
     }
 
     /// Whether `lm_head` still shares the embedding's weight tensor.

@@ -10,34 +10,54 @@ const LOGIT_TOLERANCE: f32 = 1e-4;
 const GRAD_TOLERANCE: f32 = 1e-4;
 
 fn check_architecture(name: &str) {
-    let options = LoadOptions { trainable: true, ..LoadOptions::default() };
+    let options = LoadOptions {
+        trainable: true,
+        ..LoadOptions::default()
+    };
     let model = CausalLm::load(&fixture(name), &options).unwrap();
     let refs = reference(name);
     let input_ids = get(&refs, "input_ids");
     let labels = get(&refs, "labels");
     let logits = model.forward(&input_ids, None).unwrap();
     let logit_diff = max_abs_diff(&logits, &get(&refs, "logits"));
-    assert!(logit_diff <= LOGIT_TOLERANCE, "{name}: logits differ by {logit_diff}");
+    assert!(
+        logit_diff <= LOGIT_TOLERANCE,
+        "{name}: logits differ by {logit_diff}"
+    );
 
     let loss = ops::causal_lm_loss(&logits, &labels).unwrap();
     let mean = loss.mean().unwrap();
     let expected = get(&refs, "loss").to_vec1::<f32>().unwrap()[0];
     let got = mean.to_scalar::<f32>().unwrap();
-    assert!((got - expected).abs() <= LOGIT_TOLERANCE, "{name}: loss {got} vs transformers {expected}");
+    assert!(
+        (got - expected).abs() <= LOGIT_TOLERANCE,
+        "{name}: loss {got} vs transformers {expected}"
+    );
 
     let grads = mean.backward().unwrap();
     let params = model.trainable_params();
-    let mut reference_names: Vec<String> =
-        refs.names().into_iter().filter_map(|n| n.strip_prefix("grad.").map(str::to_string)).collect();
+    let mut reference_names: Vec<String> = refs
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("grad.").map(str::to_string))
+        .collect();
     let mut names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
     reference_names.sort();
     names.sort();
-    assert_eq!(names, reference_names, "{name}: parameter sets differ from transformers'");
+    assert_eq!(
+        names, reference_names,
+        "{name}: parameter sets differ from transformers'"
+    );
     for (param, var) in &params {
-        let grad = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient reached {param}"));
+        let grad = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient reached {param}"));
         assert_eq!(grad.dtype(), DType::F32);
         let err = relative_error(grad, &get(&refs, &format!("grad.{param}")));
-        assert!(err <= GRAD_TOLERANCE, "{name}: gradient of {param} differs (relative error {err})");
+        assert!(
+            err <= GRAD_TOLERANCE,
+            "{name}: gradient of {param} differs (relative error {err})"
+        );
     }
 }
 

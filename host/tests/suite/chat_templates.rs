@@ -8,13 +8,16 @@ use serde_json::Value;
 
 fn today_utc() -> String {
     let t = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}").unwrap();
-    t.render_values(&[], None, false, &SpecialTokens::default()).unwrap()
+    t.render_values(&[], None, false, &SpecialTokens::default())
+        .unwrap()
 }
 
 #[test]
 fn builtin_templates_render_exactly_what_transformers_renders() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates/renders.json");
-    let records: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/chat_templates/renders.json");
+    let records: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let today = today_utc();
     let mut covered = std::collections::BTreeSet::new();
     let mut failures = Vec::new();
@@ -22,7 +25,9 @@ fn builtin_templates_render_exactly_what_transformers_renders() {
         let name = r["template"].as_str().unwrap();
         let case = r["case"].as_str().unwrap();
         covered.insert(name.to_string());
-        let template = ChatTemplate::new(builtin(name).unwrap_or_else(|| panic!("no built-in {name}"))).unwrap();
+        let template =
+            ChatTemplate::new(builtin(name).unwrap_or_else(|| panic!("no built-in {name}")))
+                .unwrap();
         let special = SpecialTokens {
             bos_token: r["bos_token"].as_str().map(str::to_string),
             eos_token: r["eos_token"].as_str().map(str::to_string),
@@ -41,24 +46,43 @@ fn builtin_templates_render_exactly_what_transformers_renders() {
             (Ok(text), Some(expected), _) => {
                 let expected = expected.as_str().unwrap().replace("{today}", &today);
                 if *text != expected {
-                    failures.push(format!("{name}/{case}:\n  axl:          {text:?}\n  transformers: {expected:?}"));
+                    failures.push(format!(
+                        "{name}/{case}:\n  axl:          {text:?}\n  transformers: {expected:?}"
+                    ));
                 }
             }
             (Err(e), _, Some(expected)) => {
                 let expected = expected.as_str().unwrap();
                 let raised_by_template = r["raised_by_template"].as_bool().unwrap_or(true);
                 if raised_by_template && !e.to_string().contains(expected) {
-                    failures.push(format!("{name}/{case}: raised {e}, transformers raised {expected:?}"));
+                    failures.push(format!(
+                        "{name}/{case}: raised {e}, transformers raised {expected:?}"
+                    ));
                 }
             }
-            (Ok(text), None, Some(expected)) => failures.push(format!("{name}/{case}: rendered {text:?}, transformers raised {expected}")),
-            (Err(e), Some(_), _) => failures.push(format!("{name}/{case}: raised {e}, transformers rendered")),
+            (Ok(text), None, Some(expected)) => failures.push(format!(
+                "{name}/{case}: rendered {text:?}, transformers raised {expected}"
+            )),
+            (Err(e), Some(_), _) => {
+                failures.push(format!("{name}/{case}: raised {e}, transformers rendered"))
+            }
             _ => unreachable!(),
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
-    let missing: Vec<&&str> = BUILTIN_NAMES.iter().filter(|n| !covered.contains(**n)).collect();
-    assert!(missing.is_empty(), "built-in templates without renderings: {missing:?}");
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let missing: Vec<&&str> = BUILTIN_NAMES
+        .iter()
+        .filter(|n| !covered.contains(**n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "built-in templates without renderings: {missing:?}"
+    );
 }
 
 /// The trained parts of a conversation, as text, for a built-in template.
@@ -89,8 +113,14 @@ fn trained_parts(template: &str, eot: &[&str], messages: Value) -> Vec<String> {
         file: std::sync::Arc::new("test.jsonl".into()),
         location: axl::data::Location::Line(1),
     };
-    let Formatted::Text(example) = strategy.format(&row).unwrap().remove(0) else { panic!() };
-    example.trainable.iter().map(|r| example.text[r.clone()].to_string()).collect()
+    let Formatted::Text(example) = strategy.format(&row).unwrap().remove(0) else {
+        panic!()
+    };
+    example
+        .trainable
+        .iter()
+        .map(|r| example.text[r.clone()].to_string())
+        .collect()
 }
 
 #[test]
@@ -133,14 +163,28 @@ fn every_builtin_template_trains_exactly_the_assistant_turns_and_their_end_of_tu
     ];
     let mut failures = Vec::new();
     for (template, eot, system) in cases {
-        let messages = if *system { with_system.clone() } else { without_system.clone() };
+        let messages = if *system {
+            with_system.clone()
+        } else {
+            without_system.clone()
+        };
         let got = trained_parts(template, &[eot], messages);
-        let expected = vec!["Hello.".to_string(), eot.to_string(), "Four.".to_string(), eot.to_string()];
+        let expected = vec![
+            "Hello.".to_string(),
+            eot.to_string(),
+            "Four.".to_string(),
+            eot.to_string(),
+        ];
         if got != expected {
-            failures.push(format!("{template}: trained {got:?}, expected {expected:?}"));
+            failures.push(format!(
+                "{template}: trained {got:?}, expected {expected:?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // metharme closes only the conversation, with EOS.
-    assert_eq!(trained_parts("metharme", &["<|im_end|>"], with_system), vec!["Hello.", "Four.", "<|im_end|>"]);
+    assert_eq!(
+        trained_parts("metharme", &["<|im_end|>"], with_system),
+        vec!["Hello.", "Four.", "<|im_end|>"]
+    );
 }

@@ -7,29 +7,53 @@ use candle_core::{DType, Device, Tensor};
 
 /// The directory of a committed model fixture.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 /// The reference tensors transformers computed for a fixture.
 pub fn reference(name: &str) -> TensorSet {
-    safetensors_io::load_file(&fixture(name).join("reference.safetensors"), DType::F32, &Device::Cpu)
-        .expect("reference fixture loads")
+    safetensors_io::load_file(
+        &fixture(name).join("reference.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("reference fixture loads")
 }
 
 /// A tensor of a set, which must be present.
 pub fn get(set: &TensorSet, name: &str) -> Tensor {
-    set.get(name).unwrap_or_else(|| panic!("{name} not in {}", set.source.display())).clone()
+    set.get(name)
+        .unwrap_or_else(|| panic!("{name} not in {}", set.source.display()))
+        .clone()
 }
 
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Largest absolute value of a tensor.
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// `max|a − b| / max|b|`: the error of `a` relative to the scale of the reference `b`.

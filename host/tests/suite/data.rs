@@ -31,20 +31,38 @@ pub fn settings() -> DataSettings {
 }
 
 pub fn offline() -> HubSettings {
-    HubSettings { cache_dirs: vec![], offline: true, endpoint: None, token: None }
+    HubSettings {
+        cache_dirs: vec![],
+        offline: true,
+        endpoint: None,
+        token: None,
+    }
 }
 
 /// Prepares one dataset described in YAML (with `{dir}` replaced by `dir`).
-pub fn run(dir: &Path, yaml: &str, s: &DataSettings) -> Result<(Vec<Tokenized>, Vec<DatasetReport>), axl::data::DataError> {
-    let ds: DatasetConfig = serde_yaml::from_str(&yaml.replace("{dir}", &dir.display().to_string())).unwrap();
+pub fn run(
+    dir: &Path,
+    yaml: &str,
+    s: &DataSettings,
+) -> Result<(Vec<Tokenized>, Vec<DatasetReport>), axl::data::DataError> {
+    let ds: DatasetConfig =
+        serde_yaml::from_str(&yaml.replace("{dir}", &dir.display().to_string())).unwrap();
     prepare(&[ds], s, &tokenizer(), &offline(), dir)
 }
 
 /// (full text, trained text) of an example.
 pub fn texts(t: &Tokenized) -> (String, String) {
     let tok = tokenizer();
-    let trained: Vec<u32> = t.labels.iter().filter(|l| **l >= 0).map(|l| *l as u32).collect();
-    (tok.decode(&t.input_ids, false).unwrap(), tok.decode(&trained, false).unwrap())
+    let trained: Vec<u32> = t
+        .labels
+        .iter()
+        .filter(|l| **l >= 0)
+        .map(|l| *l as u32)
+        .collect();
+    (
+        tok.decode(&t.input_ids, false).unwrap(),
+        tok.decode(&trained, false).unwrap(),
+    )
 }
 
 fn write(dir: &Path, name: &str, text: &str) {
@@ -59,7 +77,8 @@ const ALPACA_ROWS: &str = r#"{"instruction": "Say hi.", "input": "", "output": "
 fn alpaca_uses_axolotls_prompt_and_trains_the_response_and_eos() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.jsonl", ALPACA_ROWS);
-    let (examples, reports) = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &settings()).unwrap();
+    let (examples, reports) =
+        run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &settings()).unwrap();
     assert_eq!(reports[0].rows, 2);
     let (full, trained) = texts(&examples[0]);
     assert_eq!(full, "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\nHi!<|im_end|>");
@@ -79,10 +98,22 @@ fn alpaca_uses_axolotls_prompt_and_trains_the_response_and_eos() {
 fn alpaca_styles_and_loaders_have_axolotls_texts() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.jsonl", ALPACA_ROWS);
-    write(dir.path(), "qa.jsonl", "{\"question\": \"Why?\", \"answer\": \"Because.\"}\n");
-    write(dir.path(), "orca.jsonl", "{\"system_prompt\": \"Be brief.\", \"question\": \"Q?\", \"response\": \"A.\"}\n");
+    write(
+        dir.path(),
+        "qa.jsonl",
+        "{\"question\": \"Why?\", \"answer\": \"Because.\"}\n",
+    );
+    write(
+        dir.path(),
+        "orca.jsonl",
+        "{\"system_prompt\": \"Be brief.\", \"question\": \"Q?\", \"response\": \"A.\"}\n",
+    );
     write(dir.path(), "sys.jsonl", "{\"system\": \"Be brief.\", \"instruction\": \"Say hi.\", \"input\": \"\", \"output\": \"Hi!\"}\n");
-    write(dir.path(), "camel.jsonl", "{\"message_1\": \"Hi?\", \"message_2\": \"Hello.\"}\n");
+    write(
+        dir.path(),
+        "camel.jsonl",
+        "{\"message_1\": \"Hi?\", \"message_2\": \"Hello.\"}\n",
+    );
     write(dir.path(), "ctx.jsonl", "{\"article\": \"Sky is blue.\", \"question\": \"Colour?\", \"answer\": \"Blue.\", \"context\": \"Sky is blue.\", \"unanswerable_question\": \"Size?\"}\n");
     let cases: &[(&str, &str, &str)] = &[
         ("a.jsonl", "alpaca:chatml", "<|im_start|>system\nBelow is an instruction that describes a task. Write a response that appropriately completes the request.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"),
@@ -103,10 +134,19 @@ fn alpaca_styles_and_loaders_have_axolotls_texts() {
         ("ctx.jsonl", "context_qa.load_v2", "Context: Sky is blue.\nQuestion: Colour?\n"),
     ];
     for (file, kind, prompt) in cases {
-        let (examples, _) = run(dir.path(), &format!("path: {{dir}}/{file}\ntype: {kind}"), &settings()).unwrap();
+        let (examples, _) = run(
+            dir.path(),
+            &format!("path: {{dir}}/{file}\ntype: {kind}"),
+            &settings(),
+        )
+        .unwrap();
         let (full, trained) = texts(&examples[0]);
         assert!(full.starts_with(prompt), "{kind}: {full:?}");
-        assert_eq!(format!("{prompt}{trained}"), full, "{kind}: only the response is trained");
+        assert_eq!(
+            format!("{prompt}{trained}"),
+            full,
+            "{kind}: only the response is trained"
+        );
     }
 }
 
@@ -116,22 +156,44 @@ fn user_defined_format_fills_fields_and_masks_the_prompt() {
     write(dir.path(), "u.jsonl", "{\"q\": \"hi\", \"a\": \"hello\"}\n");
     let yaml = "path: {dir}/u.jsonl\ntype:\n  system_prompt: SYS\n  field_instruction: q\n  field_output: a\n  format: \"[INST] {instruction} {input} [/INST]\"\n  no_input_format: \"[INST] {instruction} [/INST]\"\n";
     let (examples, _) = run(dir.path(), yaml, &settings()).unwrap();
-    assert_eq!(texts(&examples[0]), ("SYS[INST] hi [/INST]hello<|im_end|>".into(), "hello<|im_end|>".into()));
+    assert_eq!(
+        texts(&examples[0]),
+        (
+            "SYS[INST] hi [/INST]hello<|im_end|>".into(),
+            "hello<|im_end|>".into()
+        )
+    );
 }
 
 #[test]
 fn completion_trains_everything_and_splits_long_texts_into_sequence_len_pieces() {
     let dir = tempfile::tempdir().unwrap();
     let long = "word ".repeat(40);
-    write(dir.path(), "c.jsonl", &format!("{{\"body\": \"{long}\"}}\n{{\"body\": \"short\"}}\n"));
+    write(
+        dir.path(),
+        "c.jsonl",
+        &format!("{{\"body\": \"{long}\"}}\n{{\"body\": \"short\"}}\n"),
+    );
     let mut s = settings();
     s.sequence_len = 16;
-    let (examples, reports) = run(dir.path(), "path: {dir}/c.jsonl\ntype: completion\nfield: body", &s).unwrap();
+    let (examples, reports) = run(
+        dir.path(),
+        "path: {dir}/c.jsonl\ntype: completion\nfield: body",
+        &s,
+    )
+    .unwrap();
     assert!(examples.len() >= 3, "the long text is split");
     assert!(examples.iter().all(|e| e.len() <= 16));
-    let joined: String = examples[..examples.len() - 1].iter().map(|e| texts(e).0).collect();
+    let joined: String = examples[..examples.len() - 1]
+        .iter()
+        .map(|e| texts(e).0)
+        .collect();
     // A final piece holding only the EOS is shorter than min_sample_len and left out.
-    let expected = if reports[0].dropped_too_short == 1 { long.clone() } else { format!("{long}<|im_end|>") };
+    let expected = if reports[0].dropped_too_short == 1 {
+        long.clone()
+    } else {
+        format!("{long}<|im_end|>")
+    };
     assert_eq!(joined, expected);
     assert_eq!(texts(examples.last().unwrap()).0, "short<|im_end|>");
     for e in &examples {
@@ -148,9 +210,17 @@ fn input_output_trains_exactly_the_labelled_segments() {
         "io.jsonl",
         r#"{"segments": [{"text": "<|im_start|>Hello\n", "label": false}, {"text": "hi there.<|im_end|>", "label": true}, {"text": " goodbye ", "label": false}, {"text": "farewell<|im_end|>", "label": true}]}"#,
     );
-    let (examples, _) = run(dir.path(), "path: {dir}/io.jsonl\ntype: input_output", &settings()).unwrap();
+    let (examples, _) = run(
+        dir.path(),
+        "path: {dir}/io.jsonl\ntype: input_output",
+        &settings(),
+    )
+    .unwrap();
     let (full, trained) = texts(&examples[0]);
-    assert_eq!(full, "<|im_start|>Hello\nhi there.<|im_end|> goodbye farewell<|im_end|>");
+    assert_eq!(
+        full,
+        "<|im_start|>Hello\nhi there.<|im_end|> goodbye farewell<|im_end|>"
+    );
     // The text is tokenized as a whole: the token " f" overlaps the trained segment, so it is
     // trained (the model must emit it to produce "farewell").
     assert_eq!(trained, "hi there.<|im_end|> farewell<|im_end|>");
@@ -213,8 +283,13 @@ fn long_examples_are_dropped_truncated_or_raised_and_counted() {
     assert!(short < long);
     let mut s = settings();
     s.sequence_len = 30;
-    let err = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s).unwrap_err().to_string();
-    assert!(err.contains("no training example is left") && err.contains("2 rows, 2 too long"), "{err}");
+    let err = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no training example is left") && err.contains("2 rows, 2 too long"),
+        "{err}"
+    );
     s.sequence_len = short;
     let (examples, reports) = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s).unwrap();
     assert_eq!((examples.len(), reports[0].dropped_too_long), (1, 1));
@@ -224,26 +299,47 @@ fn long_examples_are_dropped_truncated_or_raised_and_counted() {
     assert_eq!(reports[0].truncated, 2);
     assert!(examples.iter().all(|e| e.len() == 30));
     s.excess_length = ExcessLength::Raise;
-    let err = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s).unwrap_err().to_string();
-    assert!(err.contains("a.jsonl line 1") && err.contains("exceeds sequence_len 30"), "{err}");
+    let err = run(dir.path(), "path: {dir}/a.jsonl\ntype: alpaca", &s)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a.jsonl line 1") && err.contains("exceeds sequence_len 30"),
+        "{err}"
+    );
 }
 
 #[test]
 fn sources_json_csv_parquet_directories_globs_and_shards() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "rows.json", r#"[{"text": "one"}, {"text": "two"}, {"text": "three"}]"#);
+    write(
+        dir.path(),
+        "rows.json",
+        r#"[{"text": "one"}, {"text": "two"}, {"text": "three"}]"#,
+    );
     write(dir.path(), "cols.json", r#"{"text": ["four", "five"]}"#);
     write(dir.path(), "rows.csv", "text,other\nsix,x\n\"se,ven\",y\n");
     std::fs::create_dir(dir.path().join("sub")).unwrap();
-    write(&dir.path().join("sub"), "a.jsonl", "{\"text\": \"eight\"}\n");
+    write(
+        &dir.path().join("sub"),
+        "a.jsonl",
+        "{\"text\": \"eight\"}\n",
+    );
     let count = |yaml: &str| run(dir.path(), yaml, &settings()).unwrap().0.len();
     assert_eq!(count("path: {dir}/rows.json\ntype: completion"), 3);
     assert_eq!(count("path: {dir}/cols.json\ntype: completion"), 2);
     assert_eq!(count("path: {dir}/rows.csv\ntype: completion"), 2);
     assert_eq!(count("path: {dir}/sub\ntype: completion"), 1);
     assert_eq!(count("path: \"{dir}/*.json\"\ntype: completion"), 5);
-    assert_eq!(count("path: {dir}/rows.json\ntype: completion\nshards: 2\nshards_idx: 1"), 1);
-    let (examples, _) = run(dir.path(), "path: {dir}/rows.csv\ntype: completion", &settings()).unwrap();
+    assert_eq!(
+        count("path: {dir}/rows.json\ntype: completion\nshards: 2\nshards_idx: 1"),
+        1
+    );
+    let (examples, _) = run(
+        dir.path(),
+        "path: {dir}/rows.csv\ntype: completion",
+        &settings(),
+    )
+    .unwrap();
     assert_eq!(texts(&examples[1]).0, "se,ven<|im_end|>");
 }
 
@@ -275,14 +371,26 @@ fn cache_is_reused_unchanged_and_rebuilt_when_one_row_of_a_file_changes() {
     assert!(status_again.reused && status_again.dir == status.dir);
     assert_eq!(again, first);
 
-    write(dir.path(), "a.jsonl", &ALPACA_ROWS.replace("\"Hi!\"", "\"Hello!\""));
+    write(
+        dir.path(),
+        "a.jsonl",
+        &ALPACA_ROWS.replace("\"Hi!\"", "\"Hello!\""),
+    );
     let (edited, status_edited) = axl::data::prepare_cached(&cfg, &tok, &hub).unwrap();
-    assert!(!status_edited.reused && status_edited.dir != status.dir, "editing one row must invalidate the cache");
+    assert!(
+        !status_edited.reused && status_edited.dir != status.dir,
+        "editing one row must invalidate the cache"
+    );
     assert_eq!(texts(&edited.examples[0]).1, "Hello!<|im_end|>");
 
-    let other = axl::config::LoadedConfig::load(&write_config(dir.path(), "train_on_inputs: true\n")).unwrap();
+    let other =
+        axl::config::LoadedConfig::load(&write_config(dir.path(), "train_on_inputs: true\n"))
+            .unwrap();
     let (_, status_other) = axl::data::prepare_cached(&other, &tok, &hub).unwrap();
-    assert_ne!(status_other.dir, status_edited.dir, "a setting that shapes the result changes the key");
+    assert_ne!(
+        status_other.dir, status_edited.dir,
+        "a setting that shapes the result changes the key"
+    );
 }
 
 #[test]
@@ -294,58 +402,149 @@ fn preprocess_debug_marks_masked_tokens_and_json_gives_ids_and_labels() {
         .args(["preprocess", config.to_str().unwrap(), "--debug"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(stdout.contains("[Bel](-100, ") && stdout.contains("<|im_end|>(2, 2)"), "{stdout}");
+    assert!(
+        stdout.contains("[Bel](-100, ") && stdout.contains("<|im_end|>(2, 2)"),
+        "{stdout}"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 rows -> 2 examples"));
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
-        .args(["preprocess", config.to_str().unwrap(), "--debug", "--json", "--debug-num-examples", "2"])
+        .args([
+            "preprocess",
+            config.to_str().unwrap(),
+            "--debug",
+            "--json",
+            "--debug-num-examples",
+            "2",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
-    assert!(lines[0]["text"].as_str().unwrap().ends_with("### Response:\nHi!<|im_end|>"));
-    assert_eq!(lines[0]["input_ids"].as_array().unwrap().len(), lines[0]["labels"].as_array().unwrap().len());
+    assert!(lines[0]["text"]
+        .as_str()
+        .unwrap()
+        .ends_with("### Response:\nHi!<|im_end|>"));
+    assert_eq!(
+        lines[0]["input_ids"].as_array().unwrap().len(),
+        lines[0]["labels"].as_array().unwrap().len()
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("reused the prepared dataset"));
 }
 
 #[test]
 fn bad_rows_are_named_by_dataset_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "bad.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\", \"output\": \"b\"\n");
-    let err = run(dir.path(), "path: {dir}/bad.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
-    assert!(err.starts_with("datasets[0]") && err.contains("bad.jsonl line 2: malformed JSON"), "{err}");
+    write(
+        dir.path(),
+        "bad.jsonl",
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\", \"output\": \"b\"\n",
+    );
+    let err = run(
+        dir.path(),
+        "path: {dir}/bad.jsonl\ntype: alpaca",
+        &settings(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("datasets[0]") && err.contains("bad.jsonl line 2: malformed JSON"),
+        "{err}"
+    );
 
-    write(dir.path(), "missing.jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"output\": \"b\"}\n");
-    let err = run(dir.path(), "path: {dir}/missing.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
-    assert!(err.contains("missing.jsonl line 2: field `instruction`: missing"), "{err}");
+    write(
+        dir.path(),
+        "missing.jsonl",
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"output\": \"b\"}\n",
+    );
+    let err = run(
+        dir.path(),
+        "path: {dir}/missing.jsonl\ntype: alpaca",
+        &settings(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("missing.jsonl line 2: field `instruction`: missing"),
+        "{err}"
+    );
 
-    write(dir.path(), "roles.jsonl", r#"{"messages": [{"role": "human", "content": "hi"}, {"role": "robot", "content": "beep"}]}"#);
-    let err = run(dir.path(), "path: {dir}/roles.jsonl\ntype: chat_template\nchat_template: chatml", &settings()).unwrap_err().to_string();
+    write(
+        dir.path(),
+        "roles.jsonl",
+        r#"{"messages": [{"role": "human", "content": "hi"}, {"role": "robot", "content": "beep"}]}"#,
+    );
+    let err = run(
+        dir.path(),
+        "path: {dir}/roles.jsonl\ntype: chat_template\nchat_template: chatml",
+        &settings(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("roles.jsonl line 1: field `messages[1].role`: role `robot` is not in the roles mapping"), "{err}");
 
-    write(dir.path(), "chat.jsonl", r#"{"messages": [{"role": "user", "content": "hi"}]}"#);
+    write(
+        dir.path(),
+        "chat.jsonl",
+        r#"{"messages": [{"role": "user", "content": "hi"}]}"#,
+    );
     let raising = "path: {dir}/chat.jsonl\ntype: chat_template\nchat_template: jinja\nchat_template_jinja: \"{{ raise_exception('roles must alternate') }}\"";
-    let err = run(dir.path(), raising, &settings()).unwrap_err().to_string();
-    assert!(err.contains("chat.jsonl line 1") && err.contains("roles must alternate"), "{err}");
+    let err = run(dir.path(), raising, &settings())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("chat.jsonl line 1") && err.contains("roles must alternate"),
+        "{err}"
+    );
 
     write(dir.path(), "empty.jsonl", "");
-    let err = run(dir.path(), "path: {dir}/empty.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
+    let err = run(
+        dir.path(),
+        "path: {dir}/empty.jsonl\ntype: alpaca",
+        &settings(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("no training example is left"), "{err}");
 
-    let err = run(dir.path(), "path: {dir}/nope.jsonl\ntype: alpaca", &settings()).unwrap_err().to_string();
-    assert!(err.contains("nope.jsonl: no such file or directory"), "{err}");
-    let err = run(dir.path(), "path: {dir}/chat.jsonl\ntype: alpaca_chat:load_qa", &settings()).unwrap_err().to_string();
+    let err = run(
+        dir.path(),
+        "path: {dir}/nope.jsonl\ntype: alpaca",
+        &settings(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("nope.jsonl: no such file or directory"),
+        "{err}"
+    );
+    let err = run(
+        dir.path(),
+        "path: {dir}/chat.jsonl\ntype: alpaca_chat:load_qa",
+        &settings(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("did you mean `alpaca_chat.load_qa`?"), "{err}");
 }
 
 #[test]
 fn unknown_dataset_keys_name_the_nearest_one_with_its_line() {
     let text = "base_model: x\ndatasets:\n  - path: a.jsonl\n    type: alpaca\n  - path: b.jsonl\n    feild_messages: conversations\n";
-    let err = axl::config::LoadedConfig::from_str(text, Path::new("c.yml")).unwrap_err().to_string();
+    let err = axl::config::LoadedConfig::from_str(text, Path::new("c.yml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("line 6: datasets[1].feild_messages: unknown dataset key; did you mean `field_messages`?"), "{err}");
 }
 
@@ -367,11 +566,21 @@ fn split_thinking_moves_reasoning_out_of_the_content_for_the_template() {
 #[test]
 fn chat_template_kwargs_reach_the_template() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "c.jsonl", r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#);
+    write(
+        dir.path(),
+        "c.jsonl",
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#,
+    );
     let mut s = settings();
-    s.chat_template_jinja = Some("{% for m in messages %}{{ greeting }}{{ m.content }}|{% endfor %}".into());
+    s.chat_template_jinja =
+        Some("{% for m in messages %}{{ greeting }}{{ m.content }}|{% endfor %}".into());
     s.chat_template_kwargs = Some(r#"{"greeting": "> "}"#.into());
-    let (examples, _) = run(dir.path(), "path: {dir}/c.jsonl\ntype: chat_template\ntrain_on_eos: none", &s).unwrap();
+    let (examples, _) = run(
+        dir.path(),
+        "path: {dir}/c.jsonl\ntype: chat_template\ntrain_on_eos: none",
+        &s,
+    )
+    .unwrap();
     assert_eq!(texts(&examples[0]), ("> Hi|> Yo|".into(), "Yo".into()));
 }
 
@@ -379,10 +588,22 @@ fn chat_template_kwargs_reach_the_template() {
 fn pretraining_dataset_streams_packed_batches_of_every_document_in_order() {
     use axl::data::pretraining::PretrainingStream;
     let dir = tempfile::tempdir().unwrap();
-    let docs = ["first document", "the second, somewhat longer document of the corpus", "third", "skipped?"];
-    let lines: String = docs.iter().map(|d| format!("{{\"body\": \"{d}\"}}\n")).collect();
+    let docs = [
+        "first document",
+        "the second, somewhat longer document of the corpus",
+        "third",
+        "skipped?",
+    ];
+    let lines: String = docs
+        .iter()
+        .map(|d| format!("{{\"body\": \"{d}\"}}\n"))
+        .collect();
     write(dir.path(), "corpus.jsonl", &lines);
-    let ds: DatasetConfig = serde_yaml::from_str(&format!("path: {}/corpus.jsonl\ntext_column: body\nskip: 1", dir.path().display())).unwrap();
+    let ds: DatasetConfig = serde_yaml::from_str(&format!(
+        "path: {}/corpus.jsonl\ntext_column: body\nskip: 1",
+        dir.path().display()
+    ))
+    .unwrap();
     let s = settings();
     let tok = tokenizer();
     let ctx = axl::data::pipeline::strategy_context(&s, &tok, dir.path());
@@ -392,7 +613,11 @@ fn pretraining_dataset_streams_packed_batches_of_every_document_in_order() {
     let mut batches = 0;
     while let Some(batch) = stream.next_batch().unwrap() {
         batches += 1;
-        assert_eq!(batch.input_ids[0].len(), 16, "bins of micro_batch_size × sequence_len");
+        assert_eq!(
+            batch.input_ids[0].len(),
+            16,
+            "bins of micro_batch_size × sequence_len"
+        );
         let pad = tok.pad.as_ref().unwrap().1;
         let mut ids = batch.input_ids[0].clone();
         while ids.last() == Some(&pad) {
@@ -413,27 +638,48 @@ fn pretraining_dataset_streams_packed_batches_of_every_document_in_order() {
     assert!(!text.contains("first"), "skip: 1 skips the first row");
 
     let config = "base_model: x\npretraining_dataset:\n  - path: corpus.jsonl\n";
-    let err = axl::config::LoadedConfig::from_str(config, Path::new("c.yml")).unwrap_err().to_string();
-    assert!(err.contains("max_steps: required with pretraining_dataset"), "{err}");
+    let err = axl::config::LoadedConfig::from_str(config, Path::new("c.yml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("max_steps: required with pretraining_dataset"),
+        "{err}"
+    );
 }
 
 #[test]
 fn parquet_files_written_by_pyarrow_read_with_lists_and_structs() {
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data");
-    let (examples, reports) = run(&data, "path: {dir}/alpaca.parquet\ntype: alpaca", &settings()).unwrap();
+    let (examples, reports) = run(
+        &data,
+        "path: {dir}/alpaca.parquet\ntype: alpaca",
+        &settings(),
+    )
+    .unwrap();
     assert_eq!(reports[0].rows, 3);
     assert_eq!(texts(&examples[1]).1, "5<|im_end|>");
     assert!(texts(&examples[1]).0.contains("### Input:\n2 and 3"));
-    let (examples, _) = run(&data, "path: {dir}/chat.parquet\ntype: chat_template", &settings()).unwrap();
+    let (examples, _) = run(
+        &data,
+        "path: {dir}/chat.parquet\ntype: chat_template",
+        &settings(),
+    )
+    .unwrap();
     assert_eq!(texts(&examples[1]).1, "See you.<|im_end|>");
 }
 
 #[test]
 fn several_datasets_are_merged_and_shuffled_reproducibly_with_the_seed() {
     let dir = tempfile::tempdir().unwrap();
-    let rows: String = (0..20).map(|i| format!("{{\"text\": \"row {i}\"}}\n")).collect();
+    let rows: String = (0..20)
+        .map(|i| format!("{{\"text\": \"row {i}\"}}\n"))
+        .collect();
     write(dir.path(), "a.jsonl", &rows);
-    write(dir.path(), "b.jsonl", "{\"instruction\": \"Say hi.\", \"output\": \"Hi!\"}\n");
+    write(
+        dir.path(),
+        "b.jsonl",
+        "{\"instruction\": \"Say hi.\", \"output\": \"Hi!\"}\n",
+    );
     let datasets: Vec<DatasetConfig> = serde_yaml::from_str(&format!(
         "- path: {d}/a.jsonl\n  type: completion\n- path: {d}/b.jsonl\n  type: alpaca\n",
         d = dir.path().display()
@@ -442,7 +688,8 @@ fn several_datasets_are_merged_and_shuffled_reproducibly_with_the_seed() {
     let mut s = settings();
     s.shuffle = true;
     let order = |s: &DataSettings| {
-        let (examples, reports) = prepare(&datasets, s, &tokenizer(), &offline(), dir.path()).unwrap();
+        let (examples, reports) =
+            prepare(&datasets, s, &tokenizer(), &offline(), dir.path()).unwrap();
         assert_eq!(reports.iter().map(|r| r.examples).sum::<usize>(), 21);
         examples.iter().map(|e| texts(e).0).collect::<Vec<_>>()
     };
@@ -467,23 +714,46 @@ fn special_tokens_from_the_config_override_the_tokenizer_and_unknown_ones_are_er
             .unwrap()
     };
     let out = preprocess("special_tokens:\n  eos_token: \"<|endoftext|>\"\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let line: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().next().unwrap()).unwrap();
-    assert!(line["text"].as_str().unwrap().ends_with("Hi!<|endoftext|>"), "{line}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        line["text"].as_str().unwrap().ends_with("Hi!<|endoftext|>"),
+        "{line}"
+    );
     let out = preprocess("special_tokens:\n  eos_token: \"</s>\"\n");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("special_tokens.eos_token: `</s>` is not in the vocabulary"), "{stderr}");
+    assert!(
+        stderr.contains("special_tokens.eos_token: `</s>` is not in the vocabulary"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn inference_prompts_use_the_dataset_instruction_format() {
     use axl::data::instruct::InstructStrategy;
-    let alpaca = InstructStrategy::by_name("alpaca", None, false).unwrap().unwrap();
+    let alpaca = InstructStrategy::by_name("alpaca", None, false)
+        .unwrap()
+        .unwrap();
     assert_eq!(
         alpaca.prompt("Say hi."),
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
     );
-    let chat = InstructStrategy::by_name("alpaca:chatml", None, false).unwrap().unwrap();
-    assert!(chat.prompt("Hi").ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
+    let chat = InstructStrategy::by_name("alpaca:chatml", None, false)
+        .unwrap()
+        .unwrap();
+    assert!(chat
+        .prompt("Hi")
+        .ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
 }

@@ -11,9 +11,24 @@ const IDS: [u32; 12] = [5, 17, 250, 3, 99, 42, 7, 128, 64, 300, 11, 2];
 
 #[test]
 fn cached_decoding_matches_full_forward_for_every_architecture() {
-    for name in ["llama", "mistral", "qwen2", "qwen3", "gemma2", "llama_linear_bf16_sharded"] {
+    for name in [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "llama_linear_bf16_sharded",
+    ] {
         let model = CausalLm::load(&fixture(name), &LoadOptions::default()).unwrap();
-        let full = model.forward(&Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
+        let full = model
+            .forward(
+                &Tensor::new(&IDS[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap();
         let mut decoder = Decoder::new(&model, 0);
         let prompt = 4;
         let mut steps = vec![decoder.feed(&IDS[..prompt]).unwrap()];
@@ -25,7 +40,10 @@ fn cached_decoding_matches_full_forward_for_every_architecture() {
             let expected = full.get(0).unwrap().get(position).unwrap();
             let got = Tensor::new(logits.as_slice(), &Device::Cpu).unwrap();
             let diff = max_abs_diff(&got, &expected);
-            assert!(diff <= 1e-4, "{name}: cached logits at position {position} differ by {diff}");
+            assert!(
+                diff <= 1e-4,
+                "{name}: cached logits at position {position} differ by {diff}"
+            );
         }
         assert_eq!(decoder.position(), IDS.len());
     }
@@ -34,7 +52,10 @@ fn cached_decoding_matches_full_forward_for_every_architecture() {
 #[test]
 fn greedy_generation_is_deterministic_and_stops_at_the_limit_or_a_stop_id() {
     let model = CausalLm::load(&fixture("qwen2"), &LoadOptions::default()).unwrap();
-    let params = SamplingParams { max_new_tokens: 6, ..SamplingParams::default() };
+    let params = SamplingParams {
+        max_new_tokens: 6,
+        ..SamplingParams::default()
+    };
     let run = |stop: &[u32]| {
         let mut streamed = vec![];
         let out = Decoder::new(&model, 0)
@@ -51,10 +72,26 @@ fn greedy_generation_is_deterministic_and_stops_at_the_limit_or_a_stop_id() {
     assert_eq!(run(&[]).0, first);
     let (stopped, reason) = run(&[first[2]]);
     assert_eq!(reason, StopReason::Stop);
-    assert_eq!(stopped, first[..first.iter().position(|t| *t == first[2]).unwrap()]);
+    assert_eq!(
+        stopped,
+        first[..first.iter().position(|t| *t == first[2]).unwrap()]
+    );
 
-    let sampled = SamplingParams { do_sample: true, temperature: 0.8, top_p: 0.9, top_k: 20, repetition_penalty: 1.1, ..params.clone() };
-    let a = Decoder::new(&model, 7).generate(&IDS[..5], &sampled, &[], &mut |_| true).unwrap().0;
-    let b = Decoder::new(&model, 7).generate(&IDS[..5], &sampled, &[], &mut |_| true).unwrap().0;
+    let sampled = SamplingParams {
+        do_sample: true,
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 20,
+        repetition_penalty: 1.1,
+        ..params.clone()
+    };
+    let a = Decoder::new(&model, 7)
+        .generate(&IDS[..5], &sampled, &[], &mut |_| true)
+        .unwrap()
+        .0;
+    let b = Decoder::new(&model, 7)
+        .generate(&IDS[..5], &sampled, &[], &mut |_| true)
+        .unwrap()
+        .0;
     assert_eq!(a, b, "the same seed samples the same tokens");
 }

@@ -42,7 +42,12 @@ impl HubServer {
                 }
             }
         });
-        Self { address, requests, stop, thread: Some(thread) }
+        Self {
+            address,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -71,16 +76,25 @@ fn serve(stream: TcpStream, files: &HashMap<String, Vec<u8>>, log: &Mutex<Vec<St
         let lower = line.to_ascii_lowercase();
         if let Some(r) = lower.strip_prefix("range: bytes=") {
             let mut bounds = r.trim().splitn(2, '-');
-            let start = bounds.next().and_then(|s| s.parse::<usize>().ok()).unwrap_or(0);
+            let start = bounds
+                .next()
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(0);
             range = Some((start, bounds.next().and_then(|s| s.parse::<usize>().ok())));
         }
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
     log.lock().unwrap().push(path.clone());
     let mut out = stream;
     let body = files.get(&path);
     let response = match body {
-        None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+        None => {
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+        }
         Some(bytes) => {
             let (start, last) = range.unwrap_or((0, None));
             let start = start.min(bytes.len());
@@ -109,7 +123,10 @@ fn model_is_downloaded_into_the_hf_cache_loads_and_is_reused_offline() {
     for entry in std::fs::read_dir(fixture("qwen2")).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         if name != "reference.safetensors" {
-            files.insert(format!("/org/tiny-qwen2/resolve/main/{name}"), std::fs::read(entry.path()).unwrap());
+            files.insert(
+                format!("/org/tiny-qwen2/resolve/main/{name}"),
+                std::fs::read(entry.path()).unwrap(),
+            );
         }
     }
     let server = HubServer::start(files);
@@ -121,19 +138,31 @@ fn model_is_downloaded_into_the_hf_cache_loads_and_is_reused_offline() {
         token: None,
     };
     let dir = resolve_model("org/tiny-qwen2", &online).unwrap();
-    let expected: PathBuf = cache.path().join(format!("models--org--tiny-qwen2/snapshots/{COMMIT}"));
+    let expected: PathBuf = cache
+        .path()
+        .join(format!("models--org--tiny-qwen2/snapshots/{COMMIT}"));
     assert_eq!(dir, expected);
     let requested = server.requests.lock().unwrap().clone();
-    assert!(requested.iter().any(|p| p.ends_with("/model.safetensors")), "{requested:?}");
+    assert!(
+        requested.iter().any(|p| p.ends_with("/model.safetensors")),
+        "{requested:?}"
+    );
 
     let refs = reference("qwen2");
     let model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
-    let diff = max_abs_diff(&model.forward(&get(&refs, "input_ids"), None).unwrap(), &get(&refs, "logits"));
+    let diff = max_abs_diff(
+        &model.forward(&get(&refs, "input_ids"), None).unwrap(),
+        &get(&refs, "logits"),
+    );
     assert!(diff <= 1e-4, "downloaded model gives other logits ({diff})");
     assert!(dir.join("tokenizer.json").is_file() && dir.join("generation_config.json").is_file());
 
     drop(server);
-    let offline = HubSettings { offline: true, endpoint: None, ..online };
+    let offline = HubSettings {
+        offline: true,
+        endpoint: None,
+        ..online
+    };
     assert_eq!(resolve_model("org/tiny-qwen2", &offline).unwrap(), expected);
 }
 
@@ -146,27 +175,69 @@ fn dataset_is_downloaded_into_the_hf_cache_and_prepared_then_reused_offline() {
         "siblings": [{"rfilename": "README.md"}, {"rfilename": "data/train-00000-of-00001.jsonl"}, {"rfilename": "data/test-00000-of-00001.jsonl"}],
     });
     let files = HashMap::from([
-        ("/api/datasets/org/tiny-alpaca/revision/main".to_string(), info.to_string().into_bytes()),
-        ("/datasets/org/tiny-alpaca/resolve/main/data/train-00000-of-00001.jsonl".to_string(), rows.as_bytes().to_vec()),
-        ("/datasets/org/tiny-alpaca/resolve/main/data/test-00000-of-00001.jsonl".to_string(), b"not json\n".to_vec()),
+        (
+            "/api/datasets/org/tiny-alpaca/revision/main".to_string(),
+            info.to_string().into_bytes(),
+        ),
+        (
+            "/datasets/org/tiny-alpaca/resolve/main/data/train-00000-of-00001.jsonl".to_string(),
+            rows.as_bytes().to_vec(),
+        ),
+        (
+            "/datasets/org/tiny-alpaca/resolve/main/data/test-00000-of-00001.jsonl".to_string(),
+            b"not json\n".to_vec(),
+        ),
     ]);
     let server = HubServer::start(files);
     let cache = tempfile::tempdir().unwrap();
-    let online = HubSettings { cache_dirs: vec![cache.path().to_path_buf()], offline: false, endpoint: Some(server.address.clone()), token: None };
-    let ds: axl::data::config::DatasetConfig = serde_yaml::from_str("path: org/tiny-alpaca\ntype: alpaca").unwrap();
+    let online = HubSettings {
+        cache_dirs: vec![cache.path().to_path_buf()],
+        offline: false,
+        endpoint: Some(server.address.clone()),
+        token: None,
+    };
+    let ds: axl::data::config::DatasetConfig =
+        serde_yaml::from_str("path: org/tiny-alpaca\ntype: alpaca").unwrap();
     let settings = super::data::settings();
     let tokenizer = super::data::tokenizer();
-    let (examples, _) = axl::data::pipeline::prepare(std::slice::from_ref(&ds), &settings, &tokenizer, &online, cache.path()).unwrap();
+    let (examples, _) = axl::data::pipeline::prepare(
+        std::slice::from_ref(&ds),
+        &settings,
+        &tokenizer,
+        &online,
+        cache.path(),
+    )
+    .unwrap();
     assert_eq!(super::data::texts(&examples[0]).1, "Hi!<|im_end|>");
     let requested = server.requests.lock().unwrap().clone();
-    assert!(!requested.iter().any(|p| p.contains("test-0000")), "only the train split is fetched: {requested:?}");
-    assert!(cache.path().join(format!("datasets--org--tiny-alpaca/snapshots/{COMMIT}/data/train-00000-of-00001.jsonl")).is_file());
+    assert!(
+        !requested.iter().any(|p| p.contains("test-0000")),
+        "only the train split is fetched: {requested:?}"
+    );
+    assert!(cache
+        .path()
+        .join(format!(
+            "datasets--org--tiny-alpaca/snapshots/{COMMIT}/data/train-00000-of-00001.jsonl"
+        ))
+        .is_file());
 
     drop(server);
-    let offline = HubSettings { offline: true, endpoint: None, ..online };
-    let (again, _) = axl::data::pipeline::prepare(&[ds], &settings, &tokenizer, &offline, cache.path()).unwrap();
+    let offline = HubSettings {
+        offline: true,
+        endpoint: None,
+        ..online
+    };
+    let (again, _) =
+        axl::data::pipeline::prepare(&[ds], &settings, &tokenizer, &offline, cache.path()).unwrap();
     assert_eq!(again, examples);
-    let missing: axl::data::config::DatasetConfig = serde_yaml::from_str("path: org/absent\ntype: alpaca").unwrap();
-    let err = axl::data::pipeline::prepare(&[missing], &settings, &tokenizer, &offline, cache.path()).unwrap_err().to_string();
-    assert!(err.contains("dataset `org/absent` not found locally") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    let missing: axl::data::config::DatasetConfig =
+        serde_yaml::from_str("path: org/absent\ntype: alpaca").unwrap();
+    let err =
+        axl::data::pipeline::prepare(&[missing], &settings, &tokenizer, &offline, cache.path())
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("dataset `org/absent` not found locally") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }

@@ -1,14 +1,14 @@
 //! Test modules, one per area of the host.
 
-mod common;
 mod agreement;
-mod lora;
-mod generation;
-mod resolve;
 mod bad_input;
-mod cli;
-mod hub_download;
-mod tokenizer;
-pub mod data;
-mod packing;
 mod chat_templates;
+mod cli;
+mod common;
+pub mod data;
+mod generation;
+mod hub_download;
+mod lora;
+mod packing;
+mod resolve;
+mod tokenizer;

@@ -41,13 +41,19 @@ fn examples() -> Vec<Tokenized> {
             if n > 4 {
                 labels[1] = -100;
             }
-            Tokenized { input_ids: ids, labels }
+            Tokenized {
+                input_ids: ids,
+                labels,
+            }
         })
         .collect()
 }
 
 fn check(name: &str) {
-    let options = LoadOptions { trainable: true, ..LoadOptions::default() };
+    let options = LoadOptions {
+        trainable: true,
+        ..LoadOptions::default()
+    };
     let model = CausalLm::load(&fixture(name), &options).unwrap();
     let device = Device::Cpu;
     let examples = examples();
@@ -74,7 +80,9 @@ fn check(name: &str) {
         let members: Vec<&Tokenized> = bin.iter().map(|&i| &examples[i]).collect();
         let batch = Batch::packed(&members, 0, Some(16));
         let (ids, labels) = batch.tensors(&device).unwrap();
-        let hidden = model.hidden_states_packed(&ids, batch.layout.as_ref().unwrap()).unwrap();
+        let hidden = model
+            .hidden_states_packed(&ids, batch.layout.as_ref().unwrap())
+            .unwrap();
         let loss = ops::causal_lm_loss(&model.logits(&hidden).unwrap(), &labels).unwrap();
         packed_count += loss.count;
         packed_sum = Some(match packed_sum {
@@ -83,14 +91,26 @@ fn check(name: &str) {
         });
     }
     let packed = (packed_sum.unwrap() / packed_count as f64).unwrap();
-    assert_eq!(packed_count, unpacked_count, "{name}: the same tokens are trained");
-    let (a, b) = (packed.to_scalar::<f32>().unwrap(), unpacked.to_scalar::<f32>().unwrap());
-    assert!((a - b).abs() <= 1e-5 * b.abs(), "{name}: packed loss {a} vs unpacked {b}");
+    assert_eq!(
+        packed_count, unpacked_count,
+        "{name}: the same tokens are trained"
+    );
+    let (a, b) = (
+        packed.to_scalar::<f32>().unwrap(),
+        unpacked.to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-5 * b.abs(),
+        "{name}: packed loss {a} vs unpacked {b}"
+    );
 
     let (ga, gb) = (packed.backward().unwrap(), unpacked.backward().unwrap());
     for (param, var) in model.trainable_params() {
         let err = relative_error(ga.get(&var).unwrap(), gb.get(&var).unwrap());
-        assert!(err <= 1e-4, "{name}: gradient of {param} differs packed vs unpacked ({err})");
+        assert!(
+            err <= 1e-4,
+            "{name}: gradient of {param} differs packed vs unpacked ({err})"
+        );
     }
 }
 

@@ -15,13 +15,21 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn offline(caches: Vec<std::path::PathBuf>) -> HubSettings {
-    HubSettings { cache_dirs: caches, offline: true, endpoint: None, token: None }
+    HubSettings {
+        cache_dirs: caches,
+        offline: true,
+        endpoint: None,
+        token: None,
+    }
 }
 
 #[test]
 fn local_directory_is_used_as_is() {
     let dir = fixture("llama");
-    assert_eq!(resolve_model(dir.to_str().unwrap(), &offline(vec![])).unwrap(), dir);
+    assert_eq!(
+        resolve_model(dir.to_str().unwrap(), &offline(vec![])).unwrap(),
+        dir
+    );
 }
 
 #[test]
@@ -33,7 +41,10 @@ fn hub_id_resolves_to_the_cached_snapshot_of_refs_main() {
     copy_dir(&fixture("qwen2"), &repo.join("snapshots/old"));
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
-    let hub = offline(vec![first.path().to_path_buf(), second.path().to_path_buf()]);
+    let hub = offline(vec![
+        first.path().to_path_buf(),
+        second.path().to_path_buf(),
+    ]);
     let dir = resolve_model("HuggingFaceTB/SmolLM2-135M", &hub).unwrap();
     assert_eq!(dir, repo.join("snapshots/0123abcd"));
     axl::model::CausalLm::load(&dir, &Default::default()).unwrap();
@@ -42,10 +53,26 @@ fn hub_id_resolves_to_the_cached_snapshot_of_refs_main() {
 #[test]
 fn nothing_found_offline_is_one_message_naming_every_place_searched() {
     let cache = tempfile::tempdir().unwrap();
-    let err = resolve_model("org/missing-model", &offline(vec![cache.path().to_path_buf()])).unwrap_err().to_string();
+    let err = resolve_model(
+        "org/missing-model",
+        &offline(vec![cache.path().to_path_buf()]),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("org/missing-model"), "{err}");
-    assert!(err.contains(&cache.path().join("models--org--missing-model").display().to_string()), "{err}");
+    assert!(
+        err.contains(
+            &cache
+                .path()
+                .join("models--org--missing-model")
+                .display()
+                .to_string()
+        ),
+        "{err}"
+    );
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
-    let err = resolve_model("./models/absent", &offline(vec![])).unwrap_err().to_string();
+    let err = resolve_model("./models/absent", &offline(vec![]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("./models/absent (no such directory)"), "{err}");
 }
