@@ -469,13 +469,16 @@ mod tests {
     #[test]
     fn tojson_writes_what_python_json_dumps_writes() {
         let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}").unwrap();
-        let env = &t.env;
-        let out = env
-            .render_str(
-                "{{ x | tojson }}",
-                minijinja::context! { x => serde_json::json!({"a": [1, 2.5, "é<"], "b": null}) },
-            )
+        let extra = serde_json::Map::from_iter([(
+            "x".to_string(),
+            serde_json::json!({"a": [1, 2.5, "é<"], "b": null}),
+        )]);
+        let out = t
+            .render_with(&[], None, false, &SpecialTokens::default(), &extra)
             .unwrap();
-        assert_eq!(out, r#"{"a": [1, 2.5, "é<"], "b": null}"#);
+        assert_eq!(
+            out,
+            "{\"a\": [1, 2.5, \"é<\"], \"b\": null}|{\n  \"a\": [\n    1,\n    2.5,\n    \"é<\"\n  ],\n  \"b\": null\n}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-use crate::data::config::{DatasetConfig, DATASET_KEYS, UNIMPLEMENTED_DATASET_KEYS};
+use crate::data::config::{DatasetConfig, StringOrList, DATASET_KEYS, UNIMPLEMENTED_DATASET_KEYS};
 use crate::data::pipeline::ExcessLength;
 use crate::model::lora::{LoraSettings, TargetModules};
 
@@ -51,16 +51,6 @@ impl fmt::Display for ConfigError {
         }
         Ok(())
     }
-}
-
-/// A key that is either one string or a list of strings (`lora_target_modules`).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    /// A single string.
-    One(String),
-    /// A list of strings.
-    Many(Vec<String>),
 }
 
 /// Special tokens to set on the tokenizer (`special_tokens`).
@@ -106,7 +96,7 @@ pub struct AxlConfig {
     /// LoRA dropout.
     pub lora_dropout: Option<f32>,
     /// Modules to adapt: names, or one regular expression.
-    pub lora_target_modules: Option<OneOrMany>,
+    pub lora_target_modules: Option<StringOrList>,
     /// Adapt every linear layer but the output head.
     pub lora_target_linear: Option<bool>,
     /// Modules trained in full and saved with the adapter.
@@ -527,9 +517,9 @@ fn lora_settings(c: &AxlConfig) -> Option<LoraSettings> {
         TargetModules::AllLinear
     } else {
         match c.lora_target_modules.clone()? {
-            OneOrMany::One(s) if s == "all-linear" => TargetModules::AllLinear,
-            OneOrMany::One(s) => TargetModules::Regex(s),
-            OneOrMany::Many(v) => TargetModules::Names(v),
+            StringOrList::One(s) if s == "all-linear" => TargetModules::AllLinear,
+            StringOrList::One(s) => TargetModules::Regex(s),
+            StringOrList::Many(v) => TargetModules::Names(v),
         }
     };
     Some(LoraSettings {

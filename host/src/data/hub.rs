@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::{DataError, Result};
 use super::source::Format;
-use crate::model::resolve::HubSettings;
+use crate::model::resolve::{self, HubSettings};
 
 /// Whether a relative file path of a dataset repository belongs to `split` (and `name`, the
 /// dataset configuration, when given): `train.jsonl`, `data/train-00000-of-00001.parquet`,
@@ -132,19 +132,7 @@ fn download(
     data_files: &[String],
     hub: &HubSettings,
 ) -> std::result::Result<Vec<PathBuf>, String> {
-    let cache_dir = hub
-        .cache_dirs
-        .first()
-        .cloned()
-        .ok_or("no cache directory to download into")?;
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
-        .with_progress(false)
-        .with_token(hub.token.clone());
-    if let Some(endpoint) = &hub.endpoint {
-        builder = builder.with_endpoint(endpoint.clone());
-    }
-    let api = builder.build().map_err(|e| e.to_string())?;
-    let repo = api.dataset(id.to_string());
+    let repo = resolve::hub_api(hub)?.dataset(id.to_string());
     let info = repo.info().map_err(|e| e.to_string())?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     pick(&files, split, name, data_files)

@@ -7,7 +7,7 @@
 use serde_json::Value;
 
 use super::config::UserDefinedPrompt;
-use super::error::{DataError, Result};
+use super::error::Result;
 use super::example::{Formatted, TextExample};
 use super::source::Row;
 
@@ -426,11 +426,5 @@ pub fn kind_of(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
-    }
-}
-
-impl From<String> for DataError {
-    fn from(message: String) -> Self {
-        DataError::msg(message)
     }
 }

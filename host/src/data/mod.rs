@@ -58,13 +58,10 @@ pub fn prepare_cached(
             DataError::msg(message).field("datasets")
         })?;
     let settings = pipeline::DataSettings::from_config(&cfg.config);
+    let files = pipeline::resolve_files(datasets, &cfg.base_dir, hub)?;
     let mut key = cache::CacheKey::new(&settings, datasets);
-    for (i, ds) in datasets.iter().enumerate() {
-        let (files, _) = pipeline::dataset_files(ds, &cfg.base_dir, hub)
-            .map_err(|e| e.in_dataset(pipeline::dataset_label(i, ds)))?;
-        for file in files {
-            key.add_file(&file)?;
-        }
+    for file in files.iter().flat_map(|(paths, _)| paths) {
+        key.add_file(file)?;
     }
     key.add_tokenizer(&tokenizer.dir)?;
     // Special tokens the configuration set on top of the tokenizer files.
@@ -86,7 +83,7 @@ pub fn prepare_cached(
         return Ok((prepared, CacheStatus { dir, reused: true }));
     }
     let (examples, reports) =
-        pipeline::prepare(datasets, &settings, tokenizer, hub, &cfg.base_dir)?;
+        pipeline::prepare_files(datasets, &files, &settings, tokenizer, &cfg.base_dir)?;
     let prepared = cache::Prepared { examples, reports };
     cache::store(&dir, &prepared)?;
     Ok((prepared, CacheStatus { dir, reused: false }))

@@ -96,12 +96,15 @@ pub struct DatasetReport {
     pub trained_tokens: usize,
 }
 
+/// A dataset's files, and the format `ds_type` forces on them (if any).
+pub type DatasetFiles = (Vec<PathBuf>, Option<Format>);
+
 /// Where a dataset's files are and how to read them.
 pub fn dataset_files(
     ds: &DatasetConfig,
     base_dir: &Path,
     hub_settings: &HubSettings,
-) -> Result<(Vec<PathBuf>, Option<Format>)> {
+) -> Result<DatasetFiles> {
     let path = ds
         .path
         .as_deref()
@@ -257,13 +260,41 @@ pub fn prepare(
     hub_settings: &HubSettings,
     base_dir: &Path,
 ) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
+    let files = resolve_files(datasets, base_dir, hub_settings)?;
+    prepare_files(datasets, &files, settings, tokenizer, base_dir)
+}
+
+/// The files of every dataset (see [`dataset_files`]), errors naming the dataset.
+pub fn resolve_files(
+    datasets: &[DatasetConfig],
+    base_dir: &Path,
+    hub_settings: &HubSettings,
+) -> Result<Vec<DatasetFiles>> {
+    datasets
+        .iter()
+        .enumerate()
+        .map(|(i, ds)| {
+            dataset_files(ds, base_dir, hub_settings)
+                .map_err(|e| e.in_dataset(dataset_label(i, ds)))
+        })
+        .collect()
+}
+
+/// Prepares every dataset from its already resolved files and merges them.
+pub fn prepare_files(
+    datasets: &[DatasetConfig],
+    files: &[DatasetFiles],
+    settings: &DataSettings,
+    tokenizer: &ModelTokenizer,
+    base_dir: &Path,
+) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
     let ctx = strategy_context(settings, tokenizer, base_dir);
     let mut merged = Vec::new();
     let mut reports = Vec::new();
-    for (index, ds) in datasets.iter().enumerate() {
+    for (index, (ds, files)) in datasets.iter().zip(files).enumerate() {
         let label = dataset_label(index, ds);
-        let (examples, report) = prepare_one(ds, &label, settings, &ctx, hub_settings, base_dir)
-            .map_err(|e| e.in_dataset(&label))?;
+        let (examples, report) =
+            prepare_one(ds, files, &label, settings, &ctx).map_err(|e| e.in_dataset(&label))?;
         merged.extend(examples);
         reports.push(report);
     }
@@ -291,15 +322,13 @@ pub fn prepare(
 
 fn prepare_one(
     ds: &DatasetConfig,
+    (files, forced): &DatasetFiles,
     label: &str,
     settings: &DataSettings,
     ctx: &StrategyContext,
-    hub_settings: &HubSettings,
-    base_dir: &Path,
 ) -> Result<(Vec<Tokenized>, DatasetReport)> {
     let strategy = Strategy::for_dataset(ds, ctx)?;
-    let (files, forced) = dataset_files(ds, base_dir, hub_settings)?;
-    let mut rows = read_rows(&files, forced)?;
+    let mut rows = read_rows(files, *forced)?;
     if let Some(count) = ds.shards {
         rows = source::shard(rows, count, ds.shards_idx.unwrap_or(0))
             .map_err(|e| e.field("shards_idx"))?;
@@ -308,7 +337,7 @@ fn prepare_one(
     let tokenized = tokenize_rows(&rows, &strategy, ctx.tokenizer, settings.sequence_len)?;
     let mut report = DatasetReport {
         label: label.to_string(),
-        files,
+        files: files.clone(),
         rows: row_count,
         ..DatasetReport::default()
     };

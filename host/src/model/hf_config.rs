@@ -5,7 +5,7 @@
 //! the ones of the matching transformers config class, so a config that omits a key means what
 //! it means in Python.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -578,9 +578,4 @@ fn layer_attention(
         }
         Architecture::Llama => vec![LayerAttention::Full; layers],
     })
-}
-
-/// The path of `config.json` inside a model directory.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }

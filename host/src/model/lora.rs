@@ -5,7 +5,7 @@
 //! Base weights stay frozen tensors shared with the base model: attaching an adapter never
 //! copies them. Modules listed in `modules_to_save` get a full trainable copy, as in PEFT.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor, Var};
@@ -496,17 +496,4 @@ pub fn parameter_counts(model: &CausalLm) -> (usize, usize) {
         }
     });
     (trainable, total)
-}
-
-/// Adapter tensor names grouped by module, for diagnostics.
-pub fn adapted_modules(model: &CausalLm) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    let mut linears = model.linears();
-    linears.push(&model.lm_head);
-    for l in linears {
-        if let Some(a) = &l.lora {
-            out.insert(l.path.clone(), a.a.tensor().dims()[0]);
-        }
-    }
-    out
 }

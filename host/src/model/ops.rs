@@ -116,28 +116,14 @@ impl Rotary {
         len: usize,
         device: &Device,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let dim = half * 2;
-        let mut cos = Vec::with_capacity(len * dim);
-        let mut sin = Vec::with_capacity(len * dim);
-        for p in start..start + len {
-            let position = p as f32;
-            for _ in 0..2 {
-                for &f in &self.inv_freq {
-                    let angle = position * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
+        let dim = self.inv_freq.len() * 2;
+        let (cos, sin) = self.angles(start..start + len);
         Ok((
             Tensor::from_vec(cos, (len, dim), device)?,
             Tensor::from_vec(sin, (len, dim), device)?,
         ))
     }
-}
 
-impl Rotary {
     /// `(cos, sin)` of shape `[batch, 1, len, head_dim]` for explicit positions per row.
     pub fn tables_for_positions(
         &self,
@@ -147,24 +133,28 @@ impl Rotary {
         let dim = self.inv_freq.len() * 2;
         let batch = positions.len();
         let len = positions.first().map_or(0, Vec::len);
-        let mut cos = Vec::with_capacity(batch * len * dim);
-        let mut sin = Vec::with_capacity(batch * len * dim);
-        for row in positions {
-            for &p in row {
-                let position = p as f32;
-                for _ in 0..2 {
-                    for &f in &self.inv_freq {
-                        let angle = position * f;
-                        cos.push(angle.cos());
-                        sin.push(angle.sin());
-                    }
-                }
-            }
-        }
+        let (cos, sin) = self.angles(positions.iter().flatten().copied());
         Ok((
             Tensor::from_vec(cos, (batch, 1, len, dim), device)?,
             Tensor::from_vec(sin, (batch, 1, len, dim), device)?,
         ))
+    }
+
+    /// Cosines and sines of `position * inv_freq`, each frequency twice (rotate-half layout),
+    /// position after position.
+    fn angles(&self, positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
+            let position = p as f32;
+            for _ in 0..2 {
+                for &f in &self.inv_freq {
+                    let angle = position * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        (cos, sin)
     }
 }
 

@@ -162,7 +162,9 @@ const OPTIONAL_FILES: [&str; 7] = [
     "tokenizer.model",
 ];
 
-fn download(repo_id: &str, hub: &HubSettings) -> std::result::Result<PathBuf, String> {
+/// A Hub client that downloads into the first cache directory, with the endpoint and token
+/// of `hub`.
+pub fn hub_api(hub: &HubSettings) -> std::result::Result<hf_hub::api::sync::Api, String> {
     let cache_dir = hub
         .cache_dirs
         .first()
@@ -174,8 +176,11 @@ fn download(repo_id: &str, hub: &HubSettings) -> std::result::Result<PathBuf, St
     if let Some(endpoint) = &hub.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
-    let api = builder.build().map_err(|e| e.to_string())?;
-    let repo = api.model(repo_id.to_string());
+    builder.build().map_err(|e| e.to_string())
+}
+
+fn download(repo_id: &str, hub: &HubSettings) -> std::result::Result<PathBuf, String> {
+    let repo = hub_api(hub)?.model(repo_id.to_string());
     let config = repo
         .get("config.json")
         .map_err(|e| format!("config.json: {e}"))?;
