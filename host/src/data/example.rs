@@ -94,14 +94,21 @@ type Encoded = (Vec<u32>, Vec<(usize, usize)>, Vec<u32>);
 
 /// Token ids, byte offsets into `text` and the special-token mask.
 ///
-/// Fast path: ids without offsets, then offsets from the bytes each token stands for, used
-/// only when those bytes spell `text` exactly (byte-level vocabularies without normalization);
-/// otherwise the tokenizer computes the offsets itself.
+/// Fastest path: the byte-level BPE encoder, for the tokenizer configurations it reproduces.
+/// Then: the library's ids without offsets, and offsets from the bytes each token stands for,
+/// used only when those bytes spell `text` exactly; otherwise the library computes the
+/// offsets itself.
 fn encode_with_offsets(
     tokenizer: &ModelTokenizer,
     text: &str,
     add_special_tokens: bool,
 ) -> Result<Encoded> {
+    if let Some(encoding) = tokenizer
+        .byte_level_bpe()
+        .and_then(|bpe| bpe.encode(text, add_special_tokens))
+    {
+        return Ok((encoding.ids, encoding.offsets, encoding.special));
+    }
     let fail = |e: tokenizers::Error| DataError::msg(format!("tokenization failed: {e}"));
     let fast = tokenizer
         .inner
@@ -243,18 +250,6 @@ pub fn tokenize(
 mod tests {
     use super::*;
 
-    /// Widens a byte range to whole characters, as the tokenizer reports the offsets of a
-    /// token holding part of a character.
-    fn to_char_boundaries(text: &str, (mut start, mut end): (usize, usize)) -> (usize, usize) {
-        while !text.is_char_boundary(start) {
-            start -= 1;
-        }
-        while !text.is_char_boundary(end) {
-            end += 1;
-        }
-        (start, end)
-    }
-
     #[test]
     fn offsets_from_token_bytes_equal_the_tokenizers_own() {
         let dir =
@@ -284,7 +279,7 @@ mod tests {
                 // same tokens overlap every character-aligned range either way.
                 let widened: Vec<(usize, usize)> = offsets
                     .iter()
-                    .map(|o| to_char_boundaries(text, *o))
+                    .map(|o| crate::model::byte_bpe::tests::widen(text, *o))
                     .collect();
                 assert_eq!(widened, full.get_offsets(), "{text:?}");
             }

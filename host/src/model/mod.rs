@@ -1,10 +1,11 @@
 //! The model runtime: Hugging Face model directories in, logits, losses and gradients out.
 //!
 //! [`resolve`] finds a model directory, [`hf_config`] reads its `config.json`,
-//! [`safetensors_io`] its weights, [`tokenizer`] its tokenizer files; [`transformer`] runs the
+//! [`safetensors_io`] its weights, [`tokenizer`] its tokenizer files (with [`byte_bpe`], a fast encoder for datasets); [`transformer`] runs the
 //! decoder, [`lora`] attaches and saves PEFT adapters, [`save`] writes HF model directories,
 //! and [`generate`] decodes with a KV cache.
 
+pub mod byte_bpe;
 pub mod error;
 pub mod frozen_linear;
 pub mod generate;

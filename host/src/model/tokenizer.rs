@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::byte_bpe::ByteLevelBpe;
 use super::error::{ModelError, Result};
 
 /// Generation defaults a model ships in `generation_config.json`.
@@ -52,6 +53,8 @@ pub struct ModelTokenizer {
     pub dir: PathBuf,
     /// The bytes of each token id, when the vocabulary is byte-level (see [`Self::token_bytes`]).
     token_bytes: std::sync::Arc<std::sync::OnceLock<Vec<Option<Vec<u8>>>>>,
+    /// The fast encoder, when the configuration allows one (see [`Self::byte_level_bpe`]).
+    byte_bpe: std::sync::Arc<std::sync::OnceLock<Option<ByteLevelBpe>>>,
 }
 
 fn token_content(v: &Value) -> Option<String> {
@@ -145,6 +148,7 @@ impl ModelTokenizer {
             generation,
             dir: dir.to_path_buf(),
             token_bytes: Default::default(),
+            byte_bpe: Default::default(),
         })
     }
 
@@ -211,12 +215,23 @@ impl ModelTokenizer {
             .map_err(|e| ModelError::Invalid(format!("detokenization failed: {e}")))
     }
 
+    /// The byte-level BPE encoder that reproduces this tokenizer, if its configuration is one
+    /// [`ByteLevelBpe`] knows. Built once, on first use.
+    pub fn byte_level_bpe(&self) -> Option<&ByteLevelBpe> {
+        self.byte_bpe
+            .get_or_init(|| {
+                let json = serde_json::to_value(&self.inner).ok()?;
+                ByteLevelBpe::from_json(&json)
+            })
+            .as_ref()
+    }
+
     /// The text bytes each token id stands for: the content of added tokens, and for the
     /// vocabulary the bytes of its byte-level (GPT-2 style) spelling; `None` for an id whose
     /// spelling is not byte-level. Computed once.
     pub fn token_bytes(&self) -> &[Option<Vec<u8>>] {
         self.token_bytes.get_or_init(|| {
-            let byte_of = byte_level_decoding_table();
+            let byte_of = super::byte_bpe::byte_level_decoding_table();
             let size = self.inner.get_vocab_size(true);
             let mut table: Vec<Option<Vec<u8>>> = vec![None; size];
             for (token, id) in self.inner.get_vocab(false) {
@@ -260,23 +275,4 @@ impl ModelTokenizer {
         out.dedup();
         out
     }
-}
-
-/// The inverse of GPT-2's byte-to-character mapping used by byte-level BPE vocabularies:
-/// printable bytes stand for themselves, the others for the characters from U+0100 on.
-fn byte_level_decoding_table() -> std::collections::HashMap<char, u8> {
-    let mut table = std::collections::HashMap::with_capacity(256);
-    let mut next = 0u32;
-    for b in 0u32..256 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        let c = if printable {
-            b
-        } else {
-            next += 1;
-            255 + next
-        };
-        table.insert(char::from_u32(c).expect("valid code point"), b as u8);
-    }
-    table
 }
