@@ -11,3 +11,4 @@ pub mod data;
 pub mod fsio;
 pub mod model;
 pub mod setup;
+pub mod train;

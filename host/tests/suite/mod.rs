@@ -12,3 +12,4 @@ mod lora;
 mod packing;
 mod resolve;
 mod tokenizer;
+mod train;
