@@ -3,6 +3,7 @@
 //! that is not an Axolotl key is an error naming the nearest known one.
 
 pub mod axolotl_keys;
+pub mod training;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -157,6 +158,9 @@ pub struct AxlConfig {
     pub seed: Option<u64>,
     /// Special tokens to set.
     pub special_tokens: Option<SpecialTokens>,
+    /// The training keys.
+    #[serde(flatten)]
+    pub training: training::TrainingConfig,
 }
 
 impl Default for AxlConfig {
@@ -204,6 +208,7 @@ impl Default for AxlConfig {
             chat_template_kwargs: None,
             seed: None,
             special_tokens: None,
+            training: Default::default(),
         }
     }
 }
@@ -436,7 +441,7 @@ impl LoadedConfig {
                 problems.extend(check_datasets(name, value, text));
                 continue;
             }
-            if AXL_KEYS.contains(&name) {
+            if AXL_KEYS.contains(&name) || training::TRAINING_KEYS.contains(&name) {
                 let mut single = Mapping::new();
                 single.insert(key.clone(), value.clone());
                 if let Err(e) = serde_yaml::from_value::<AxlConfig>(Value::Mapping(single)) {
@@ -601,6 +606,12 @@ fn validate(c: &AxlConfig, text: &str) -> Vec<Problem> {
     }
     if c.sequence_len == 0 {
         add("sequence_len", "must be at least 1".into());
+    }
+    if c.micro_batch_size == 0 {
+        add("micro_batch_size", "must be at least 1".into());
+    }
+    for (key, message) in training::validate(&c.training) {
+        add(key, message);
     }
     problems
 }

@@ -1,5 +1,9 @@
-//! Training: optimizers, learning-rate schedules, and the loop that turns a configuration and
-//! a prepared dataset into a trained model.
+//! Training: optimizers, learning-rate schedules, the plan of a run, single steps,
+//! checkpoints, and the loop that turns a configuration and a prepared dataset into a trained
+//! model.
 
+pub mod checkpoint;
 pub mod optimizer;
+pub mod plan;
 pub mod schedule;
+pub mod step;

@@ -1,0 +1,156 @@
+//! One optimizer step and one evaluation pass: forward and backward over the micro-batches of
+//! the step, gradients summed, the loss normalized by the trained tokens of the whole step (so
+//! the split between micro-batch size and accumulation does not change it), clipping, and the
+//! optimizer update.
+
+use candle_core::{Tensor, Var};
+
+use crate::data::packing::Batch;
+use crate::model::ops::causal_lm_loss;
+use crate::model::{CausalLm, Result};
+
+use super::optimizer::Optimizer;
+use super::plan::trained_positions;
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// Mean loss per trained token over the step.
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Trained tokens of the step.
+    pub trained_tokens: usize,
+    /// All tokens of the step (padding included).
+    pub tokens: usize,
+}
+
+/// Loss sum and trained-position count of one micro-batch, with the logits' graph.
+fn batch_loss(model: &CausalLm, batch: &Batch) -> Result<(Tensor, usize)> {
+    let (ids, labels) = batch.tensors(model.device())?;
+    let hidden = match &batch.layout {
+        Some(layout) => model.hidden_states_packed(&ids, layout)?,
+        None => model.hidden_states(&ids, None)?,
+    };
+    let logits = model.logits(&hidden)?;
+    let loss = causal_lm_loss(&logits, &labels)?;
+    Ok((loss.sum, loss.count))
+}
+
+/// Gradients of a step, summed over its micro-batches, in the order of the parameters.
+pub struct Gradients {
+    /// One flat buffer per trainable parameter.
+    pub values: Vec<Vec<f32>>,
+}
+
+impl Gradients {
+    /// The global L2 norm.
+    pub fn norm(&self) -> f64 {
+        self.values
+            .iter()
+            .flat_map(|g| g.iter())
+            .map(|x| (*x as f64) * (*x as f64))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Scales every gradient so the global norm is at most `max_norm` (as
+    /// `torch.nn.utils.clip_grad_norm_`: by `max_norm / (norm + 1e-6)` when below 1).
+    pub fn clip(&mut self, norm: f64, max_norm: f64) {
+        if max_norm <= 0.0 {
+            return;
+        }
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            let coef = coef as f32;
+            for g in &mut self.values {
+                for x in g.iter_mut() {
+                    *x *= coef;
+                }
+            }
+        }
+    }
+}
+
+/// Forward and backward over `batches`; returns the summed gradients and the step's loss.
+pub fn accumulate(
+    model: &CausalLm,
+    params: &[(String, Var)],
+    batches: &[Batch],
+) -> Result<(Gradients, StepOutcome)> {
+    let trained_tokens: usize = batches.iter().map(trained_positions).sum();
+    let tokens: usize = batches
+        .iter()
+        .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
+        .sum();
+    let mut values: Vec<Vec<f32>> = params
+        .iter()
+        .map(|(_, v)| vec![0f32; v.as_tensor().elem_count()])
+        .collect();
+    let mut loss_sum = 0f64;
+    for batch in batches {
+        let (sum, count) = batch_loss(model, batch)?;
+        if count == 0 {
+            continue;
+        }
+        loss_sum += sum.to_scalar::<f32>()? as f64;
+        let scaled = (sum / trained_tokens as f64)?;
+        let grads = scaled.backward()?;
+        for ((_, var), acc) in params.iter().zip(&mut values) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let g = g.flatten_all()?.to_vec1::<f32>()?;
+                for (a, x) in acc.iter_mut().zip(g) {
+                    *a += x;
+                }
+            }
+        }
+    }
+    let gradients = Gradients { values };
+    let outcome = StepOutcome {
+        loss: if trained_tokens == 0 {
+            f64::NAN
+        } else {
+            loss_sum / trained_tokens as f64
+        },
+        grad_norm: gradients.norm(),
+        trained_tokens,
+        tokens,
+    };
+    Ok((gradients, outcome))
+}
+
+/// Applies one optimizer update to every trainable parameter.
+pub fn apply(
+    optimizer: &mut Optimizer,
+    params: &[(String, Var)],
+    gradients: &Gradients,
+    lr: f64,
+) -> Result<()> {
+    optimizer.begin_step();
+    for ((name, var), grad) in params.iter().zip(&gradients.values) {
+        let shape = var.as_tensor().dims().to_vec();
+        let mut values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        optimizer.update(name, &shape, &mut values, grad, lr);
+        var.set(&Tensor::from_vec(values, shape, var.as_tensor().device())?)?;
+    }
+    Ok(())
+}
+
+/// Evaluation loss over `batches`: the mean per trained token, and the token count.
+pub fn evaluate(model: &CausalLm, batches: &[Batch]) -> Result<(f64, usize)> {
+    let mut sum = 0f64;
+    let mut count = 0usize;
+    for batch in batches {
+        let (s, c) = batch_loss(model, batch)?;
+        sum += s.detach().to_scalar::<f32>()? as f64;
+        count += c;
+    }
+    Ok((
+        if count == 0 {
+            f64::NAN
+        } else {
+            sum / count as f64
+        },
+        count,
+    ))
+}
