@@ -167,7 +167,7 @@ pub fn validate(t: &TrainingConfig) -> Vec<(&'static str, String)> {
     if t.gradient_accumulation_steps == 0 {
         problems.push(("gradient_accumulation_steps", "must be at least 1".into()));
     }
-    if !(t.num_epochs > 0.0) {
+    if t.num_epochs.is_nan() || t.num_epochs <= 0.0 {
         problems.push((
             "num_epochs",
             format!("{} is not a positive number", t.num_epochs),
@@ -244,7 +244,7 @@ pub fn validate(t: &TrainingConfig) -> Vec<(&'static str, String)> {
         ));
     }
     for (key, value) in [("eval_steps", t.eval_steps), ("save_steps", t.save_steps)] {
-        if value.is_some_and(|v| !(v > 0.0) || (v >= 1.0 && v.fract() != 0.0)) {
+        if value.is_some_and(|v| v.is_nan() || v <= 0.0 || (v >= 1.0 && v.fract() != 0.0)) {
             problems.push((
                 key,
                 "a whole number of steps, or a fraction of the run below 1".into(),
