@@ -3,6 +3,7 @@
 mod inference;
 mod merge_lora;
 mod preprocess;
+mod train;
 
 use std::path::PathBuf;
 
@@ -26,6 +27,8 @@ pub enum Command {
     Inference(InferenceArgs),
     /// Tokenize the datasets into the prepared-dataset cache (reused when nothing changed).
     Preprocess(PreprocessArgs),
+    /// Train: preprocess if needed, train, evaluate, save checkpoints and the result.
+    Train(TrainArgs),
 }
 
 impl Command {
@@ -54,6 +57,24 @@ pub struct MergeLoraArgs {
     /// Model selection.
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// Arguments of `axl train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Model selection.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Configuration overrides: `--learning-rate 1e-4`, `--micro_batch_size 2`, `--a__b v` for
+    /// the nested key `a.b`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "--KEY VALUE"
+    )]
+    pub overrides: Vec<String>,
 }
 
 /// Arguments of `axl preprocess`.
@@ -130,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::MergeLora(args) => merge_lora::run(args),
         Command::Inference(args) => inference::run(args),
         Command::Preprocess(args) => preprocess::run(args),
+        Command::Train(args) => train::run(args),
     }
 }
 

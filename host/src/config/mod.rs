@@ -377,6 +377,40 @@ fn nearest_key(key: &str) -> Option<&'static str> {
         .map(|(_, k)| k)
 }
 
+/// Command-line overrides (`--learning-rate 1e-4`, `--micro_batch_size=2`, `--a__b value` for
+/// the nested key `a.b`, a bare `--flag` for `true`) as key paths and YAML values.
+pub fn parse_overrides(args: &[String]) -> Result<Vec<(Vec<String>, Value)>, String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        let Some(body) = arg.strip_prefix("--").filter(|b| !b.is_empty()) else {
+            return Err(format!(
+                "unexpected argument `{arg}`; overrides look like --learning-rate 1e-4"
+            ));
+        };
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, v.to_string()),
+            None => match args.get(i + 1) {
+                Some(next) if !next.starts_with("--") => {
+                    i += 1;
+                    (body, next.clone())
+                }
+                _ => (body, "true".to_string()),
+            },
+        };
+        let keys: Vec<String> = name.split("__").map(|k| k.replace('-', "_")).collect();
+        if keys.iter().any(String::is_empty) {
+            return Err(format!("`--{name}` does not name a key"));
+        }
+        let value: Value = serde_yaml::from_str(&value)
+            .map_err(|e| format!("--{name}: `{value}` is not a YAML value: {e}"))?;
+        out.push((keys, value));
+        i += 1;
+    }
+    Ok(out)
+}
+
 /// Strips serde_yaml's own position suffix; the problem carries the line.
 fn clean_message(message: String) -> String {
     match message.find(" at line ") {
@@ -403,11 +437,41 @@ impl LoadedConfig {
 
     /// Validates the text of a configuration file; `path` names it in errors.
     pub fn from_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::from_str_with_overrides(text, path, &[])
+    }
+
+    /// Reads and validates a configuration file with command-line overrides applied
+    /// (see [`parse_overrides`]).
+    pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::from_str_with_overrides(&text, path, overrides)
+    }
+
+    /// [`Self::from_str`] with command-line overrides applied before validation.
+    pub fn from_str_with_overrides(
+        text: &str,
+        path: &Path,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
         let error = |problems| ConfigError {
             path: path.to_path_buf(),
             problems,
         };
-        let root: Value = serde_yaml::from_str(text).map_err(|e| {
+        let parsed = parse_overrides(overrides).map_err(|message| {
+            error(vec![Problem {
+                key: "(command line)".into(),
+                line: None,
+                message,
+            }])
+        })?;
+        let mut root: Value = serde_yaml::from_str(text).map_err(|e| {
             let line = e.location().map(|l| l.line());
             error(vec![Problem {
                 key: "(syntax)".into(),
@@ -415,6 +479,33 @@ impl LoadedConfig {
                 message: clean_message(e.to_string()),
             }])
         })?;
+        if !parsed.is_empty() {
+            if root.is_null() {
+                root = Value::Mapping(Mapping::new());
+            }
+            for (keys, value) in parsed {
+                let mut at = &mut root;
+                for (i, key) in keys.iter().enumerate() {
+                    let Value::Mapping(map) = at else {
+                        return Err(error(vec![Problem {
+                            key: keys[..i].join("."),
+                            line: None,
+                            message:
+                                "the command line sets a key inside it, but it is not a mapping"
+                                    .into(),
+                        }]));
+                    };
+                    let k = Value::String(key.clone());
+                    if i + 1 == keys.len() {
+                        map.insert(k, value.clone());
+                        break;
+                    }
+                    at = map
+                        .entry(k)
+                        .or_insert_with(|| Value::Mapping(Mapping::new()));
+                }
+            }
+        }
         let mapping = match root {
             Value::Mapping(m) => m,
             Value::Null => Mapping::new(),

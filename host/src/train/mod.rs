@@ -5,5 +5,6 @@
 pub mod checkpoint;
 pub mod optimizer;
 pub mod plan;
+pub mod run;
 pub mod schedule;
 pub mod step;

@@ -1,0 +1,134 @@
+//! `axl train`: the configuration's datasets prepared (or reused), the model loaded with its
+//! adapter, trained, and saved to `output_dir`.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+
+use super::TrainArgs;
+use crate::config::LoadedConfig;
+use crate::data;
+use crate::model::resolve::HubSettings;
+use crate::model::safetensors_io::SaveDtype;
+use crate::model::{lora, save, CausalLm, LoadOptions, ModelError};
+use crate::setup;
+use crate::train::checkpoint;
+use crate::train::plan::{split_validation, TrainSettings};
+use crate::train::run::{self, RunInputs};
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let cfg = LoadedConfig::load_with_overrides(&args.config, &args.overrides)?;
+    let settings = TrainSettings::from_config(&cfg.config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
+    if settings.half_precision_requested {
+        eprintln!("note: bf16/fp16 were requested; on CPU axl computes in f32");
+    }
+    let hub = HubSettings::from_env();
+    let overrides = args.model.overrides();
+    let sources = setup::model_sources(&cfg, &overrides, &hub)?;
+    let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;
+    let (prepared, status) = data::prepare_cached(&cfg, &tokenizer, &hub)?;
+    eprintln!(
+        "{} the prepared dataset in {}",
+        if status.reused { "reused" } else { "built" },
+        status.dir.display()
+    );
+    let (train, eval) = split_validation(prepared.examples, settings.val_set_size, settings.seed);
+    let output_dir = cfg.output_dir();
+    let resume = match &cfg.config.training.resume_from_checkpoint {
+        Some(p) => {
+            let dir = cfg.resolve_path(p);
+            if !dir.join(checkpoint::PROGRESS_FILE).is_file() {
+                bail!(
+                    "{}: resume_from_checkpoint: {} is not a complete axl checkpoint",
+                    cfg.path.display(),
+                    dir.display()
+                );
+            }
+            Some(dir)
+        }
+        None if cfg.config.training.auto_resume_from_checkpoints == Some(true) => {
+            checkpoint::latest(&output_dir)
+        }
+        None => None,
+    };
+    let lora_settings = cfg.lora_settings();
+    let full = lora_settings.is_none();
+    let options = LoadOptions {
+        trainable: full,
+        ..Default::default()
+    };
+    let mut model = match (&resume, full) {
+        (Some(dir), true) => CausalLm::load(dir, &options)?,
+        _ => setup::load_base(&sources, &options)?,
+    };
+    if let Some(lora_settings) = &lora_settings {
+        let adapter_from = resume.clone().or_else(|| {
+            setup::trained_adapter_dir(&cfg, &overrides)
+                .filter(|d| setup::is_adapter_dir(d) && cfg.config.lora_model_dir.is_some())
+        });
+        match adapter_from {
+            Some(dir) => {
+                lora::load_adapter(&mut model, &dir, true)
+                    .with_context(|| format!("loading the adapter of {}", dir.display()))?;
+            }
+            None => {
+                lora::attach_new(&mut model, lora_settings, settings.seed)?;
+            }
+        }
+    }
+    let stored = save::stored_dtype(&model);
+    let base_model = sources.base_model.clone();
+    let tokenizer_dir = sources.tokenizer_dir.clone();
+    let save_weights = |model: &CausalLm, dir: &Path, final_save: bool| -> Result<(), ModelError> {
+        match &lora_settings {
+            Some(s) => lora::save_adapter(model, s, dir, &base_model).map(|_| ()),
+            None => save::save_pretrained(
+                model,
+                dir,
+                Some(&tokenizer_dir),
+                if final_save { stored } else { SaveDtype::F32 },
+                save::DEFAULT_MAX_SHARD_BYTES,
+            )
+            .map(|_| ()),
+        }
+    };
+    let pad_id = tokenizer
+        .pad
+        .as_ref()
+        .or(tokenizer.eos.as_ref())
+        .map_or(0, |(_, id)| *id);
+    let terminal = std::io::stderr().is_terminal();
+    let mut log = |line: &str| {
+        if terminal {
+            eprintln!("\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    let report = run::run(
+        &mut model,
+        RunInputs {
+            train: &train,
+            eval: &eval,
+            settings: &settings,
+            output_dir: &output_dir,
+            pad_id,
+            resume_from: resume.as_deref(),
+            save_weights: &save_weights,
+            log: &mut log,
+        },
+    )?;
+    let what = if full { "model" } else { "adapter" };
+    eprintln!(
+        "trained {} steps{}; the {what} is in {}",
+        report.total_steps,
+        report
+            .eval_loss
+            .map(|l| format!(", eval_loss {l:.4}"))
+            .unwrap_or_default(),
+        output_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! The training loop: steps over the planned micro-batches with the schedule's learning rate,
+//! logging to the terminal and to `metrics.jsonl`, evaluating, and saving checkpoints and the
+//! final model; a run resumed from a checkpoint continues exactly where it stopped.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::data::example::Tokenized;
+use crate::fsio;
+use crate::model::{CausalLm, ModelError};
+
+use super::checkpoint::{self, Progress};
+use super::optimizer::Optimizer;
+use super::plan::{self, TrainSettings};
+use super::schedule::{warmup_steps, Schedule};
+use super::step;
+
+/// The metrics file in `output_dir`.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// What a run needs besides the model.
+pub struct RunInputs<'a> {
+    /// Training examples.
+    pub train: &'a [Tokenized],
+    /// Evaluation examples (may be empty).
+    pub eval: &'a [Tokenized],
+    /// The settings.
+    pub settings: &'a TrainSettings,
+    /// Where checkpoints, metrics and the final model go.
+    pub output_dir: &'a Path,
+    /// The id padding uses.
+    pub pad_id: u32,
+    /// A checkpoint whose weights the model already holds, to continue from.
+    pub resume_from: Option<&'a Path>,
+    /// Writes the model's trained weights into a directory (`final` is false for checkpoints,
+    /// which always keep full f32 precision).
+    pub save_weights: &'a dyn Fn(&CausalLm, &Path, bool) -> Result<(), ModelError>,
+    /// Receives every log line.
+    pub log: &'a mut dyn FnMut(&str),
+}
+
+/// One logged training step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRecord {
+    /// The step (1-based, as transformers counts).
+    pub step: usize,
+    /// Mean loss per trained token.
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate the step used.
+    pub learning_rate: f64,
+    /// Epochs done after the step.
+    pub epoch: f64,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunReport {
+    /// Every step taken by this process, in order.
+    pub steps: Vec<StepRecord>,
+    /// The last evaluation loss.
+    pub eval_loss: Option<f64>,
+    /// The optimizer steps of the whole run.
+    pub total_steps: usize,
+    /// Checkpoints written.
+    pub checkpoints: Vec<PathBuf>,
+}
+
+fn io_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::file(path, e)
+}
+
+/// Appends one JSON object per line to `metrics.jsonl`.
+struct Metrics {
+    path: PathBuf,
+}
+
+impl Metrics {
+    /// Opens the file, keeping only the lines of steps up to `keep_through` (a resumed run
+    /// replaces what the interrupted run logged after its checkpoint).
+    fn open(output_dir: &Path, keep_through: usize) -> Result<Self, ModelError> {
+        let path = output_dir.join(METRICS_FILE);
+        let kept: String = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                keep_through > 0
+                    && serde_json::from_str::<Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s as usize <= keep_through)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fsio::write_atomic(&path, kept.as_bytes()).map_err(|e| io_error(&path, e))?;
+        Ok(Self { path })
+    }
+
+    fn write(&self, value: &Value) -> Result<(), ModelError> {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .map_err(|e| io_error(&self.path, e))?;
+        writeln!(file, "{value}").map_err(|e| io_error(&self.path, e))
+    }
+}
+
+fn seconds_text(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Runs (or continues) training. The model's trainable parameters are what is trained.
+pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, ModelError> {
+    let settings = inputs.settings;
+    let log = inputs.log;
+    std::fs::create_dir_all(inputs.output_dir).map_err(|e| io_error(inputs.output_dir, e))?;
+    if inputs.train.is_empty() {
+        return Err(ModelError::Invalid(
+            "no training examples: every example went to evaluation (val_set_size)".into(),
+        ));
+    }
+    let first_epoch = plan::epoch_batches(inputs.train, settings, 0, inputs.pad_id);
+    let per_epoch = plan::steps_per_epoch(first_epoch.len(), settings.gradient_accumulation_steps);
+    let total_steps = settings
+        .max_steps
+        .unwrap_or_else(|| ((settings.num_epochs * per_epoch as f64).ceil() as usize).max(1));
+    let schedule = Schedule {
+        kind: settings.schedule,
+        base_lr: settings.learning_rate,
+        warmup_steps: warmup_steps(settings.warmup_steps, settings.warmup_ratio, total_steps),
+        total_steps,
+        min_lr_ratio: settings.min_lr_ratio,
+    };
+    let logging_steps = settings
+        .logging_steps
+        .unwrap_or_else(|| ((total_steps as f64 * 0.005) as usize).clamp(1, 10));
+    let evaluating = !inputs.eval.is_empty() && !settings.eval_off;
+    let eval_every = plan::interval(
+        settings.eval_steps,
+        settings.evals_per_epoch,
+        total_steps,
+        per_epoch,
+    )
+    .filter(|_| evaluating);
+    let eval_each_epoch = evaluating && (settings.eval_each_epoch || eval_every.is_none());
+    let save_every = plan::interval(
+        settings.save_steps,
+        settings.saves_per_epoch,
+        total_steps,
+        per_epoch,
+    )
+    .filter(|_| !settings.save_off);
+    let save_each_epoch = !settings.save_off && save_every.is_none();
+
+    let mut optimizer = Optimizer::new(settings.optimizer.clone());
+    let mut progress = Progress {
+        global_step: 0,
+        epoch: 0.0,
+        seed: settings.seed,
+        log_history: Vec::new(),
+    };
+    if let Some(dir) = inputs.resume_from {
+        progress = checkpoint::restore(dir, &mut optimizer)?;
+        if progress.seed != settings.seed {
+            return Err(ModelError::Invalid(format!(
+                "{}: the checkpoint was trained with seed {}, the configuration says {}; resuming needs the same seed",
+                dir.display(),
+                progress.seed,
+                settings.seed
+            )));
+        }
+        progress.log_history.retain(|e| {
+            e.get("step").and_then(Value::as_u64).unwrap_or(0) as usize <= progress.global_step
+        });
+        log(&format!(
+            "resuming from {} at step {}",
+            dir.display(),
+            progress.global_step
+        ));
+    }
+    let metrics = Metrics::open(inputs.output_dir, progress.global_step)?;
+    let params = model.trainable_params();
+    let trainable: usize = params.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+    log(&format!(
+        "training {} examples ({} for evaluation): {total_steps} steps, {per_epoch} per epoch, {trainable} trainable parameters",
+        inputs.train.len(),
+        inputs.eval.len()
+    ));
+    let eval_batches = plan::micro_batches(
+        &inputs.eval.iter().collect::<Vec<_>>(),
+        settings,
+        settings.eval_sample_packing,
+        inputs.pad_id,
+    );
+    let mut report = RunReport {
+        total_steps,
+        ..Default::default()
+    };
+    let trainer_state = |progress: &Progress| {
+        json!({
+            "best_metric": null,
+            "best_model_checkpoint": null,
+            "epoch": progress.epoch,
+            "eval_steps": eval_every,
+            "global_step": progress.global_step,
+            "is_hyper_param_search": false,
+            "is_local_process_zero": true,
+            "is_world_process_zero": true,
+            "log_history": progress.log_history,
+            "logging_steps": logging_steps,
+            "max_steps": total_steps,
+            "num_input_tokens_seen": 0,
+            "num_train_epochs": settings.num_epochs.ceil() as u64,
+            "save_steps": save_every,
+            "stateful_callbacks": {},
+            "total_flos": 0,
+            "train_batch_size": settings.micro_batch_size,
+            "trial_name": null,
+            "trial_params": null,
+        })
+    };
+    let started = Instant::now();
+    let steps_at_start = progress.global_step;
+    let (mut window_loss, mut window_norm, mut window_steps, mut window_tokens) = (0.0, 0.0, 0, 0);
+    let mut window_start = Instant::now();
+    let mut epoch = progress.global_step / per_epoch;
+    while progress.global_step < total_steps {
+        let batches = if epoch == 0 {
+            first_epoch.clone()
+        } else {
+            plan::epoch_batches(inputs.train, settings, epoch, inputs.pad_id)
+        };
+        let groups: Vec<&[crate::data::packing::Batch]> = batches
+            .chunks(settings.gradient_accumulation_steps)
+            .collect();
+        let skip = progress.global_step - epoch * per_epoch;
+        for (index, group) in groups.iter().enumerate().skip(skip) {
+            if progress.global_step >= total_steps {
+                break;
+            }
+            let step_number = progress.global_step;
+            model.set_dropout(Some(
+                settings
+                    .seed
+                    .wrapping_mul(0x9E37_79B9)
+                    .wrapping_add(step_number as u64),
+            ));
+            let lr = schedule.lr(step_number);
+            let (mut grads, outcome) = step::accumulate(model, &params, group)?;
+            grads.clip(outcome.grad_norm, settings.max_grad_norm);
+            step::apply(&mut optimizer, &params, &grads, lr)?;
+            progress.global_step += 1;
+            progress.epoch = epoch as f64 + (index + 1) as f64 / per_epoch as f64;
+            let record = StepRecord {
+                step: progress.global_step,
+                loss: outcome.loss,
+                grad_norm: outcome.grad_norm,
+                learning_rate: lr,
+                epoch: progress.epoch,
+            };
+            report.steps.push(record.clone());
+            window_loss += outcome.loss;
+            window_norm += outcome.grad_norm;
+            window_steps += 1;
+            window_tokens += outcome.tokens;
+            let last = progress.global_step == total_steps;
+            let end_of_epoch = index + 1 == groups.len();
+            if progress.global_step % logging_steps == 0 || last {
+                let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
+                let tokens_per_second = window_tokens as f64 / elapsed;
+                let done = progress.global_step - steps_at_start;
+                let eta = started.elapsed().as_secs_f64() / done as f64
+                    * (total_steps - progress.global_step) as f64;
+                let entry = json!({
+                    "step": progress.global_step,
+                    "loss": window_loss / window_steps as f64,
+                    "grad_norm": window_norm / window_steps as f64,
+                    "learning_rate": lr,
+                    "epoch": progress.epoch,
+                    "tokens_per_second": tokens_per_second,
+                });
+                log(&format!(
+                    "step {}/{total_steps} | loss {:.4} | grad_norm {:.3} | lr {lr:.3e} | {tokens_per_second:.0} tokens/s | eta {}",
+                    progress.global_step,
+                    window_loss / window_steps as f64,
+                    window_norm / window_steps as f64,
+                    seconds_text(eta)
+                ));
+                metrics.write(&entry)?;
+                progress.log_history.push(entry);
+                (window_loss, window_norm, window_steps, window_tokens) = (0.0, 0.0, 0, 0);
+                window_start = Instant::now();
+            }
+            let eval_now = eval_every.is_some_and(|n| progress.global_step % n == 0)
+                || (eval_each_epoch && (end_of_epoch || last));
+            if eval_now {
+                model.set_dropout(None);
+                let (eval_loss, eval_tokens) = step::evaluate(model, &eval_batches)?;
+                let entry = json!({
+                    "step": progress.global_step,
+                    "epoch": progress.epoch,
+                    "eval_loss": eval_loss,
+                    "eval_perplexity": eval_loss.exp(),
+                    "eval_tokens": eval_tokens,
+                });
+                log(&format!(
+                    "eval at step {} | eval_loss {eval_loss:.4} | perplexity {:.3}",
+                    progress.global_step,
+                    eval_loss.exp()
+                ));
+                metrics.write(&entry)?;
+                progress.log_history.push(entry);
+                report.eval_loss = Some(eval_loss);
+            }
+            let save_now = save_every.is_some_and(|n| progress.global_step % n == 0)
+                || (save_each_epoch && end_of_epoch && !last);
+            if save_now {
+                let dir = checkpoint::save(
+                    inputs.output_dir,
+                    &progress,
+                    &optimizer,
+                    &trainer_state(&progress),
+                    settings.save_total_limit,
+                    &|dir| (inputs.save_weights)(model, dir, false),
+                )?;
+                log(&format!("saved {}", dir.display()));
+                report.checkpoints.push(dir);
+            }
+        }
+        epoch += 1;
+    }
+    model.set_dropout(None);
+    (inputs.save_weights)(model, inputs.output_dir, true)?;
+    let state_path = inputs.output_dir.join(checkpoint::TRAINER_STATE_FILE);
+    fsio::write_json_atomic(&state_path, &trainer_state(&progress))
+        .map_err(|e| io_error(&state_path, e))?;
+    Ok(report)
+}
