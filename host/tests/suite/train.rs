@@ -223,3 +223,113 @@ fn loss_and_gradients_do_not_depend_on_the_accumulation_split() {
         }
     }
 }
+
+/// A configuration training the llama fixture on 40 small alpaca rows written into `dir`.
+fn training_config(dir: &std::path::Path, extra: &str) -> PathBuf {
+    use std::fmt::Write as _;
+    let words = [
+        "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "big", "red", "tree",
+    ];
+    let mut rows = String::new();
+    for i in 0..40usize {
+        let text = |n: usize, salt: usize| {
+            (0..n)
+                .map(|j| words[(i * 7 + j * 3 + salt) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        writeln!(
+            rows,
+            "{}",
+            serde_json::json!({"instruction": text(4, 1), "input": "", "output": text(6 + i % 5, 2)})
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("data.jsonl"), rows).unwrap();
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let path = dir.join("config.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "base_model: {}\ndatasets:\n  - path: {}\n    type: alpaca\nsequence_len: 128\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\nlearning_rate: 0.001\nlogging_steps: 1\ndataset_prepared_path: {}\n{extra}",
+            model.display(),
+            dir.join("data.jsonl").display(),
+            dir.join("prepared").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn axl_train(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .arg("train")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "axl train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn step_losses(output_dir: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(output_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// A run resumed from its step-5 checkpoint logs the same losses for steps 6 on as the run
+/// that was never interrupted, for LoRA and for full fine-tuning, with AdamW and dropout.
+#[test]
+fn resumed_run_continues_with_the_same_losses() {
+    for (name, extra) in [
+        (
+            "lora",
+            "adapter: lora\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n",
+        ),
+        ("full", "weight_decay: 0.01\n"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = training_config(
+            dir.path(),
+            &format!("{extra}num_epochs: 2\nsave_steps: 5\nwarmup_steps: 2\n"),
+        );
+        let whole = dir.path().join("whole");
+        axl_train(&config, &["--output-dir", whole.to_str().unwrap()]);
+        let checkpoint = whole.join("checkpoint-5");
+        assert!(checkpoint.join("trainer_state.json").is_file(), "{name}");
+        let state: Value = serde_json::from_str(
+            &std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(state["global_step"], 5, "{name}");
+        assert_eq!(state["log_history"].as_array().unwrap().len(), 5, "{name}");
+        let resumed = dir.path().join("resumed");
+        axl_train(
+            &config,
+            &[
+                "--output-dir",
+                resumed.to_str().unwrap(),
+                "--resume-from-checkpoint",
+                checkpoint.to_str().unwrap(),
+            ],
+        );
+        let a = step_losses(&whole);
+        let b = step_losses(&resumed);
+        assert_eq!(a.len(), 20, "{name}: {a:?}");
+        assert_eq!(b.first().map(|s| s.0), Some(6), "{name}: {b:?}");
+        for (x, y) in a[5..].iter().zip(&b) {
+            assert_eq!(x.0, y.0);
+            assert!((x.1 - y.1).abs() <= 1e-6 * x.1.abs(), "{name} step {}: {} vs {}", x.0, x.1, y.1);
+        }
+        assert_eq!(a.len() - 5, b.len(), "{name}");
+    }
+}
