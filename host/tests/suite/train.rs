@@ -333,3 +333,53 @@ fn resumed_run_continues_with_the_same_losses() {
         assert_eq!(a.len() - 5, b.len(), "{name}");
     }
 }
+
+/// Killing the process at moments spread over a run that saves at every step leaves every
+/// `checkpoint-N` it finds complete and loadable (unfinished saves stay in `.partial`
+/// directories, which are never read).
+#[test]
+fn a_killed_run_leaves_only_loadable_checkpoints() {
+    use axl::train::optimizer::{Optimizer, OptimizerKind, OptimizerSettings};
+    let dir = tempfile::tempdir().unwrap();
+    let config = training_config(dir.path(), "num_epochs: 3\nsave_steps: 1\n");
+    let output = dir.path().join("out");
+    let mut seen_checkpoints = 0;
+    for delay_ms in [150u64, 300, 450, 600, 800, 1000] {
+        let _ = std::fs::remove_dir_all(&output);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+            .arg("train")
+            .arg(&config)
+            .args(["--output-dir", output.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for (_, checkpoint) in axl::train::checkpoint::checkpoints(&output) {
+            seen_checkpoints += 1;
+            axl::model::CausalLm::load(&checkpoint, &axl::model::LoadOptions::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", checkpoint.display()));
+            let mut optimizer = Optimizer::new(OptimizerSettings {
+                kind: OptimizerKind::AdamW,
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: 0.0,
+            });
+            axl::train::checkpoint::restore(&checkpoint, &mut optimizer)
+                .unwrap_or_else(|e| panic!("{}: {e}", checkpoint.display()));
+        }
+        if let Some(latest) = axl::train::checkpoint::latest(&output) {
+            // The run resumes from what the kill left.
+            let resumed = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+                .arg("train")
+                .arg(&config)
+                .args(["--output-dir", output.to_str().unwrap(), "--auto-resume-from-checkpoints", "true", "--max-steps", "31"])
+                .output()
+                .unwrap();
+            assert!(resumed.status.success(), "resume from {}: {}", latest.display(), String::from_utf8_lossy(&resumed.stderr));
+        }
+    }
+    assert!(seen_checkpoints > 0, "no kill landed after a checkpoint; lengthen the delays");
+}
