@@ -4,13 +4,12 @@
 use anyhow::{bail, Context};
 
 use super::MergeLoraArgs;
-use crate::config::LoadedConfig;
 use crate::model::resolve::HubSettings;
 use crate::model::{lora, save, LoadOptions};
 use crate::setup;
 
 pub fn run(args: MergeLoraArgs) -> anyhow::Result<()> {
-    let cfg = LoadedConfig::load(&args.config)?;
+    let cfg = super::load_config(&args.config, &[])?;
     let overrides = args.model.overrides();
     let adapter_dir = setup::trained_adapter_dir(&cfg, &overrides)
         .context("no adapter to merge: set lora_model_dir or pass --lora-model-dir")?;

@@ -145,6 +145,18 @@ pub struct InferenceArgs {
     pub prompter: Option<String>,
 }
 
+/// Reads and validates a configuration with command-line overrides, printing its warnings.
+fn load_config(
+    path: &std::path::Path,
+    overrides: &[String],
+) -> Result<crate::config::LoadedConfig, crate::config::ConfigError> {
+    let cfg = crate::config::LoadedConfig::load_with_overrides(path, overrides)?;
+    for warning in &cfg.warnings {
+        eprintln!("warning: {}: {warning}", cfg.path.display());
+    }
+    Ok(cfg)
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

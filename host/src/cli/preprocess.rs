@@ -6,7 +6,6 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use super::PreprocessArgs;
-use crate::config::LoadedConfig;
 use crate::data::{self, cache};
 use crate::model::ops::IGNORE_INDEX;
 use crate::model::resolve::HubSettings;
@@ -20,7 +19,7 @@ const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
 
 pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
-    let cfg = LoadedConfig::load(&args.config)?;
+    let cfg = super::load_config(&args.config, &[])?;
     let hub = HubSettings::from_env();
     let sources = setup::model_sources(&cfg, &args.model.overrides(), &hub)?;
     let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;

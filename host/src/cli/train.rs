@@ -7,7 +7,6 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use super::TrainArgs;
-use crate::config::LoadedConfig;
 use crate::data;
 use crate::model::resolve::HubSettings;
 use crate::model::safetensors_io::SaveDtype;
@@ -18,7 +17,7 @@ use crate::train::plan::{split_validation, TrainSettings};
 use crate::train::run::{self, RunInputs};
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let cfg = LoadedConfig::load_with_overrides(&args.config, &args.overrides)?;
+    let cfg = super::load_config(&args.config, &args.overrides)?;
     let settings = TrainSettings::from_config(&cfg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
     if settings.half_precision_requested {

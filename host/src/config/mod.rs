@@ -2,6 +2,7 @@
 //! meanings. Every problem is collected with its key and line and reported together; a key
 //! that is not an Axolotl key is an error naming the nearest known one.
 
+pub mod attention;
 pub mod axolotl_keys;
 pub mod training;
 
@@ -269,6 +270,11 @@ pub struct LoadedConfig {
     /// The directory relative paths in the file are resolved against (the working directory,
     /// as in Axolotl).
     pub base_dir: PathBuf,
+    /// The attention backend (`attn_implementation`, or what a legacy flag stands for). axl's
+    /// CPU runtime computes the same exact attention, with packing, whatever the backend.
+    pub attn_implementation: Option<String>,
+    /// Deprecation warnings for the user.
+    pub warnings: Vec<String>,
 }
 
 fn line_of(text: &str, key: &str) -> Option<usize> {
@@ -375,6 +381,20 @@ fn nearest_key(key: &str) -> Option<&'static str> {
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, k)| k)
+}
+
+/// Axolotl keys that change nothing in a single-process axl run, accepted with any value.
+const NO_EFFECT_KEYS: &[&str] = &["strict", "local_rank"];
+
+/// Whether a value leaves a feature off: empty, `false`, or an empty string, list or mapping.
+fn is_off(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(s) => s.is_empty(),
+        Value::Sequence(s) => s.is_empty(),
+        Value::Mapping(m) => m.is_empty(),
+        _ => false,
+    }
 }
 
 /// Command-line overrides (`--learning-rate 1e-4`, `--micro_batch_size=2`, `--a__b value` for
@@ -506,7 +526,7 @@ impl LoadedConfig {
                 }
             }
         }
-        let mapping = match root {
+        let mut mapping = match root {
             Value::Mapping(m) => m,
             Value::Null => Mapping::new(),
             _ => {
@@ -518,6 +538,14 @@ impl LoadedConfig {
             }
         };
         let mut problems = Vec::new();
+        let attention = attention::resolve(&mut mapping);
+        for (key, message) in &attention.problems {
+            problems.push(Problem {
+                key: key.clone(),
+                line: line_of(text, key),
+                message: message.clone(),
+            });
+        }
         for (key, value) in &mapping {
             let Some(name) = key.as_str() else {
                 problems.push(Problem {
@@ -542,7 +570,19 @@ impl LoadedConfig {
                         message: clean_message(e.to_string()),
                     });
                 }
-            } else if !axolotl_keys::AXOLOTL_KEYS.contains(&name) {
+            } else if name == "attn_implementation" || attention::COMPUTED_FLAGS.contains(&name) {
+                // Resolved above.
+            } else if axolotl_keys::AXOLOTL_KEYS.contains(&name) {
+                if !is_off(value) && !NO_EFFECT_KEYS.contains(&name) {
+                    problems.push(Problem {
+                        key: name.into(),
+                        line,
+                        message:
+                            "an Axolotl key axl does not implement yet; remove it or leave it empty"
+                                .into(),
+                    });
+                }
+            } else {
                 let hint = nearest_key(name)
                     .map(|k| format!("; did you mean `{k}`?"))
                     .unwrap_or_default();
@@ -572,6 +612,8 @@ impl LoadedConfig {
             config,
             path: path.to_path_buf(),
             base_dir,
+            attn_implementation: attention.backend,
+            warnings: attention.warnings,
         })
     }
 
@@ -748,6 +790,100 @@ mod tests {
                 .map(|p| p.key.as_str())
                 .collect::<Vec<_>>(),
             vec!["adapter", "load_in_4bit"]
+        );
+    }
+
+    fn keys(err: &ConfigError) -> Vec<&str> {
+        err.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn axolotl_keys_axl_lacks_are_errors_unless_left_empty() {
+        let err =
+            load("base_model: x\nwandb_project: my-run\nneftune_noise_alpha: 5\n").unwrap_err();
+        assert_eq!(keys(&err), vec!["wandb_project", "neftune_noise_alpha"]);
+        assert!(err.to_string().contains("does not implement yet"), "{err}");
+        load("base_model: x\nwandb_project:\nwandb_entity: ''\ndeepspeed:\nfsdp: []\ngroup_by_length: false\nstrict: true\n")
+            .unwrap();
+    }
+
+    #[test]
+    fn training_keys_read_with_axolotl_defaults_and_are_validated() {
+        let c = load("learning_rate: 2e-4\n").unwrap().config.training;
+        assert_eq!(c.learning_rate.and_then(|l| l.value()), Some(2e-4));
+        assert_eq!(c.optimizer, "adamw_torch_fused");
+        assert_eq!(c.lr_scheduler, "cosine");
+        assert_eq!(c.gradient_accumulation_steps, 1);
+        let err = load("optimizer: adamw_8bit\nlr_scheduler: cosine_restarts\nwarmup_steps: 3\nwarmup_ratio: 0.1\ngradient_accumulation_steps: 0\n").unwrap_err();
+        assert_eq!(
+            keys(&err),
+            vec![
+                "gradient_accumulation_steps",
+                "optimizer",
+                "lr_scheduler",
+                "warmup_ratio"
+            ]
+        );
+    }
+
+    #[test]
+    fn legacy_attention_flags_map_to_attn_implementation_as_the_contract_says() {
+        let c = load("flash_attention: true\n").unwrap();
+        assert_eq!(c.attn_implementation.as_deref(), Some("flash_attention_2"));
+        assert!(c.warnings[0].contains("deprecated"), "{:?}", c.warnings);
+        let c = load("sdp_attention: true\nflash_attention: false\n").unwrap();
+        assert_eq!(c.attn_implementation.as_deref(), Some("sdpa"));
+        let c = load("attn_implementation: kernels-community/flash-attn3\n").unwrap();
+        assert_eq!(
+            c.attn_implementation.as_deref(),
+            Some("kernels-community/flash-attn3")
+        );
+        assert!(c.warnings.is_empty());
+        let err =
+            load("attn_implementation: flash_attention_2\nflash_attention: true\n").unwrap_err();
+        assert_eq!(keys(&err), vec!["flash_attention"]);
+        let err = load("attn_implementation: fa2\n").unwrap_err();
+        assert!(err.to_string().contains("use `flash_attention_2`"), "{err}");
+        let err = load("attn_supports_packing: true\n").unwrap_err();
+        assert_eq!(keys(&err), vec!["attn_supports_packing"]);
+    }
+
+    #[test]
+    fn command_line_overrides_replace_and_nest_keys() {
+        let args: Vec<String> = [
+            "--learning-rate",
+            "1e-4",
+            "--micro_batch_size=2",
+            "--special-tokens__pad-token",
+            "<pad>",
+            "--sample-packing",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let c = LoadedConfig::from_str_with_overrides(
+            "learning_rate: 0.1\nmicro_batch_size: 8\n",
+            Path::new("c.yml"),
+            &args,
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.training.learning_rate.and_then(|l| l.value()), Some(1e-4));
+        assert_eq!(c.micro_batch_size, 2);
+        assert!(c.sample_packing);
+        assert_eq!(
+            c.special_tokens.unwrap().pad_token.as_deref(),
+            Some("<pad>")
+        );
+        let err = LoadedConfig::from_str_with_overrides(
+            "",
+            Path::new("c.yml"),
+            &["--lerning-rate".into(), "1".into()],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("did you mean `learning_rate`"),
+            "{err}"
         );
     }
 }

@@ -375,11 +375,26 @@ fn a_killed_run_leaves_only_loadable_checkpoints() {
             let resumed = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
                 .arg("train")
                 .arg(&config)
-                .args(["--output-dir", output.to_str().unwrap(), "--auto-resume-from-checkpoints", "true", "--max-steps", "31"])
+                .args([
+                    "--output-dir",
+                    output.to_str().unwrap(),
+                    "--auto-resume-from-checkpoints",
+                    "true",
+                    "--max-steps",
+                    "31",
+                ])
                 .output()
                 .unwrap();
-            assert!(resumed.status.success(), "resume from {}: {}", latest.display(), String::from_utf8_lossy(&resumed.stderr));
+            assert!(
+                resumed.status.success(),
+                "resume from {}: {}",
+                latest.display(),
+                String::from_utf8_lossy(&resumed.stderr)
+            );
         }
     }
-    assert!(seen_checkpoints > 0, "no kill landed after a checkpoint; lengthen the delays");
+    assert!(
+        seen_checkpoints > 0,
+        "no kill landed after a checkpoint; lengthen the delays"
+    );
 }
