@@ -1,5 +1,6 @@
 //! The `axl` command line: argument parsing and one module per command.
 
+mod evaluate;
 mod inference;
 mod merge_lora;
 mod preprocess;
@@ -29,6 +30,9 @@ pub enum Command {
     Preprocess(PreprocessArgs),
     /// Train: preprocess if needed, train, evaluate, save checkpoints and the result.
     Train(TrainArgs),
+    /// Evaluate the model (with its trained adapter) on the evaluation set; writes
+    /// <output_dir>/eval_results.json.
+    Evaluate(EvaluateArgs),
 }
 
 impl Command {
@@ -69,6 +73,23 @@ pub struct TrainArgs {
     pub model: ModelArgs,
     /// Configuration overrides: `--learning-rate 1e-4`, `--micro_batch_size 2`, `--a__b v` for
     /// the nested key `a.b`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "--KEY VALUE"
+    )]
+    pub overrides: Vec<String>,
+}
+
+/// Arguments of `axl evaluate`.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Model selection.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Configuration overrides, as for `axl train`.
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
@@ -164,6 +185,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inference(args) => inference::run(args),
         Command::Preprocess(args) => preprocess::run(args),
         Command::Train(args) => train::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
     }
 }
 

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 
 use super::TrainArgs;
 use crate::data;
+use crate::data::example::Tokenized;
 use crate::model::resolve::HubSettings;
 use crate::model::safetensors_io::SaveDtype;
 use crate::model::{lora, save, CausalLm, LoadOptions, ModelError};
@@ -16,8 +17,40 @@ use crate::train::checkpoint;
 use crate::train::plan::{split_validation, TrainSettings};
 use crate::train::run::{self, RunInputs};
 
+/// The training examples and the evaluation examples: `test_datasets` when the configuration
+/// has them, else the `val_set_size` share of the training datasets.
+pub(super) fn training_and_evaluation_examples(
+    cfg: &crate::config::LoadedConfig,
+    tokenizer: &crate::model::tokenizer::ModelTokenizer,
+    hub: &HubSettings,
+    settings: &TrainSettings,
+) -> anyhow::Result<(Vec<Tokenized>, Vec<Tokenized>)> {
+    let (prepared, status) = data::prepare_cached(cfg, tokenizer, hub)?;
+    eprintln!(
+        "{} the prepared dataset in {}",
+        if status.reused { "reused" } else { "built" },
+        status.dir.display()
+    );
+    if let Some((test, status)) = data::prepare_test_cached(cfg, tokenizer, hub)? {
+        eprintln!(
+            "{} the prepared test datasets in {}",
+            if status.reused { "reused" } else { "built" },
+            status.dir.display()
+        );
+        return Ok((prepared.examples, test.examples));
+    }
+    Ok(split_validation(
+        prepared.examples,
+        settings.val_set_size,
+        settings.seed,
+    ))
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = super::load_config(&args.config, &args.overrides)?;
+    if cfg.config.training.learning_rate.is_none() {
+        bail!("{}: learning_rate is required to train", cfg.path.display());
+    }
     let settings = TrainSettings::from_config(&cfg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
     if settings.half_precision_requested {
@@ -27,13 +60,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let overrides = args.model.overrides();
     let sources = setup::model_sources(&cfg, &overrides, &hub)?;
     let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;
-    let (prepared, status) = data::prepare_cached(&cfg, &tokenizer, &hub)?;
-    eprintln!(
-        "{} the prepared dataset in {}",
-        if status.reused { "reused" } else { "built" },
-        status.dir.display()
-    );
-    let (train, eval) = split_validation(prepared.examples, settings.val_set_size, settings.seed);
+    let (train, eval) = training_and_evaluation_examples(&cfg, &tokenizer, &hub, &settings)?;
     let output_dir = cfg.output_dir();
     let resume = match &cfg.config.training.resume_from_checkpoint {
         Some(p) => {

@@ -743,6 +743,13 @@ fn validate(c: &AxlConfig, text: &str) -> Vec<Problem> {
     if c.micro_batch_size == 0 {
         add("micro_batch_size", "must be at least 1".into());
     }
+    if c.test_datasets.as_ref().is_some_and(|d| !d.is_empty()) && c.training.val_set_size > 0.0 {
+        add(
+            "val_set_size",
+            "set val_set_size or test_datasets, not both: test_datasets are the evaluation set"
+                .into(),
+        );
+    }
     for (key, message) in training::validate(&c.training) {
         add(key, message);
     }

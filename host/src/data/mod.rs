@@ -57,6 +57,34 @@ pub fn prepare_cached(
             };
             DataError::msg(message).field("datasets")
         })?;
+    prepare_cached_list(cfg, datasets, tokenizer, hub)
+}
+
+/// Prepares the `test_datasets` of a configuration (cached like the training datasets), or
+/// `None` when it has none.
+pub fn prepare_test_cached(
+    cfg: &LoadedConfig,
+    tokenizer: &ModelTokenizer,
+    hub: &HubSettings,
+) -> error::Result<Option<(cache::Prepared, CacheStatus)>> {
+    match cfg
+        .config
+        .test_datasets
+        .as_deref()
+        .filter(|d| !d.is_empty())
+    {
+        Some(datasets) => prepare_cached_list(cfg, datasets, tokenizer, hub).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Prepares one list of datasets, reusing the cache when nothing that shapes it changed.
+pub fn prepare_cached_list(
+    cfg: &LoadedConfig,
+    datasets: &[config::DatasetConfig],
+    tokenizer: &ModelTokenizer,
+    hub: &HubSettings,
+) -> error::Result<(cache::Prepared, CacheStatus)> {
     let settings = pipeline::DataSettings::from_config(&cfg.config);
     let files = pipeline::resolve_files(datasets, &cfg.base_dir, hub)?;
     let mut key = cache::CacheKey::new(&settings, datasets);

@@ -78,14 +78,15 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
-    /// The settings of a validated configuration. `learning_rate` is required.
+    /// The settings of a validated configuration (`learning_rate` 0 when unset: evaluation
+    /// needs none; `axl train` requires it).
     pub fn from_config(c: &AxlConfig) -> Result<Self, String> {
         let t = &c.training;
         let learning_rate = t
             .learning_rate
             .as_ref()
             .and_then(|lr| lr.value())
-            .ok_or("learning_rate is required to train")?;
+            .unwrap_or(0.0);
         let kind = OPTIMIZER_NAMES
             .iter()
             .find(|(n, _)| *n == t.optimizer)

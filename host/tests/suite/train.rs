@@ -398,3 +398,50 @@ fn a_killed_run_leaves_only_loadable_checkpoints() {
         "no kill landed after a checkpoint; lengthen the delays"
     );
 }
+
+/// `axl evaluate` after `axl train` (with `test_datasets` as the evaluation set) writes
+/// `eval_results.json` whose loss is the final evaluation of the run.
+#[test]
+fn evaluate_writes_eval_results_matching_the_runs_final_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out");
+    let test_rows = dir.path().join("test.jsonl");
+    std::fs::write(
+        &test_rows,
+        "{\"instruction\": \"the cat\", \"input\": \"\", \"output\": \"sat on the mat\"}\n{\"instruction\": \"a dog\", \"input\": \"red\", \"output\": \"ran fast\"}\n",
+    )
+    .unwrap();
+    let config = training_config(
+        dir.path(),
+        &format!(
+            "adapter: lora\nlora_r: 4\nlora_target_linear: true\nmax_steps: 4\noutput_dir: {}\ntest_datasets:\n  - path: {}\n    type: alpaca\n",
+            output.display(),
+            test_rows.display()
+        ),
+    );
+    axl_train(&config, &[]);
+    let final_eval = std::fs::read_to_string(output.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v.get("eval_loss").and_then(Value::as_f64))
+        .last()
+        .expect("the run evaluated");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .arg("evaluate")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(output.join("eval_results.json")).unwrap())
+            .unwrap();
+    let loss = results["eval_loss"].as_f64().unwrap();
+    assert!((loss - final_eval).abs() < 1e-6, "{loss} vs {final_eval}");
+    assert!((results["eval_perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+    assert!(results["eval_tokens"].as_u64().unwrap() > 0);
+}
