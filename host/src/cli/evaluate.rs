@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use super::EvaluateArgs;
+use super::TrainArgs;
 use crate::fsio;
 use crate::model::resolve::HubSettings;
 use crate::model::{lora, LoadOptions};
@@ -15,7 +15,7 @@ use crate::train::step;
 /// The file `axl evaluate` writes in `output_dir`.
 pub const EVAL_RESULTS_FILE: &str = "eval_results.json";
 
-pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = super::load_config(&args.config, &args.overrides)?;
     let settings = TrainSettings::from_config(&cfg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;

@@ -32,7 +32,7 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate the model (with its trained adapter) on the evaluation set; writes
     /// <output_dir>/eval_results.json.
-    Evaluate(EvaluateArgs),
+    Evaluate(TrainArgs),
 }
 
 impl Command {
@@ -63,7 +63,7 @@ pub struct MergeLoraArgs {
     pub model: ModelArgs,
 }
 
-/// Arguments of `axl train`.
+/// Arguments of `axl train` and `axl evaluate`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// The configuration file.
@@ -73,23 +73,6 @@ pub struct TrainArgs {
     pub model: ModelArgs,
     /// Configuration overrides: `--learning-rate 1e-4`, `--micro_batch_size 2`, `--a__b v` for
     /// the nested key `a.b`.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "--KEY VALUE"
-    )]
-    pub overrides: Vec<String>,
-}
-
-/// Arguments of `axl evaluate`.
-#[derive(Debug, Args)]
-pub struct EvaluateArgs {
-    /// The configuration file.
-    pub config: PathBuf,
-    /// Model selection.
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Configuration overrides, as for `axl train`.
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,

@@ -261,19 +261,24 @@ fn training_config(dir: &std::path::Path, extra: &str) -> PathBuf {
     path
 }
 
-fn axl_train(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+/// Runs `axl <command> <config> <args>`, which must succeed.
+fn axl(command: &str, config: &std::path::Path, args: &[&str]) -> std::process::Output {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
-        .arg("train")
+        .arg(command)
         .arg(config)
         .args(args)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "axl train failed: {}",
+        "axl {command} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+fn axl_train(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    axl("train", config, args)
 }
 
 fn step_losses(output_dir: &std::path::Path) -> Vec<(u64, f64)> {
@@ -425,18 +430,9 @@ fn evaluate_writes_eval_results_matching_the_runs_final_evaluation() {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter_map(|v| v.get("eval_loss").and_then(Value::as_f64))
-        .last()
+        .next_back()
         .expect("the run evaluated");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
-        .arg("evaluate")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    axl("evaluate", &config, &[]);
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(output.join("eval_results.json")).unwrap())
             .unwrap();
