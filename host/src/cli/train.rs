@@ -3,10 +3,12 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context};
 
 use super::TrainArgs;
+use crate::config::training::DEFAULT_TRIGGER_FILE;
 use crate::data;
 use crate::data::example::Tokenized;
 use crate::model::resolve::HubSettings;
@@ -133,6 +135,28 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             eprintln!("{line}");
         }
     };
+    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let trigger = cfg
+        .config
+        .training
+        .dynamic_checkpoint
+        .as_ref()
+        .filter(|d| d.enabled)
+        .map(|d| {
+            let name = d
+                .trigger_file_path
+                .as_deref()
+                .unwrap_or(DEFAULT_TRIGGER_FILE);
+            (output_dir.join(name), d.check_interval)
+        });
     let report = run::run(
         &mut model,
         RunInputs {
@@ -144,8 +168,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             resume_from: resume.as_deref(),
             save_weights: &save_weights,
             log: &mut log,
+            stop: Some(stop),
+            trigger,
         },
     )?;
+    if let Some(checkpoint) = &report.interrupted {
+        eprintln!(
+            "stopped; the run can continue from {} (resume_from_checkpoint, or auto_resume_from_checkpoints: true)",
+            checkpoint.display()
+        );
+        std::process::exit(130);
+    }
     let what = if full { "model" } else { "adapter" };
     eprintln!(
         "trained {} steps{}; the {what} is in {}",

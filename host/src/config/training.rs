@@ -34,6 +34,31 @@ pub enum BoolOrAuto {
     Text(String),
 }
 
+/// `dynamic_checkpoint`: save a checkpoint when a trigger file appears in `output_dir`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamicCheckpoint {
+    /// Turns the trigger on.
+    pub enabled: bool,
+    /// Steps between looks for the file.
+    pub check_interval: usize,
+    /// The trigger file's name (in `output_dir`).
+    pub trigger_file_path: Option<String>,
+}
+
+impl Default for DynamicCheckpoint {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            check_interval: 10,
+            trigger_file_path: None,
+        }
+    }
+}
+
+/// The trigger file's name when `trigger_file_path` is not set.
+pub const DEFAULT_TRIGGER_FILE: &str = "axolotl_checkpoint.save";
+
 /// The training keys.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default)]
@@ -92,6 +117,8 @@ pub struct TrainingConfig {
     pub fp16: Option<bool>,
     /// TF32 matmuls (a CUDA setting).
     pub tf32: Option<BoolOrAuto>,
+    /// Checkpoints on demand.
+    pub dynamic_checkpoint: Option<DynamicCheckpoint>,
 }
 
 impl Default for TrainingConfig {
@@ -124,6 +151,7 @@ impl Default for TrainingConfig {
             bf16: None,
             fp16: None,
             tf32: None,
+            dynamic_checkpoint: None,
         }
     }
 }
@@ -157,6 +185,7 @@ pub const TRAINING_KEYS: &[&str] = &[
     "bf16",
     "fp16",
     "tf32",
+    "dynamic_checkpoint",
 ];
 
 /// Problems with the training keys, as `(key, message)`.
@@ -270,6 +299,23 @@ pub fn validate(t: &TrainingConfig) -> Vec<(&'static str, String)> {
     }
     if t.fp16 == Some(true) && t.bf16 == Some(BoolOrAuto::Bool(true)) {
         problems.push(("fp16", "fp16 and bf16 cannot both be true".into()));
+    }
+    if let Some(d) = &t.dynamic_checkpoint {
+        if d.check_interval == 0 {
+            problems.push((
+                "dynamic_checkpoint.check_interval",
+                "must be at least 1".into(),
+            ));
+        }
+        if d.trigger_file_path
+            .as_deref()
+            .is_some_and(|f| f.is_empty() || f.contains('/') || f.contains('\\') || f == "..")
+        {
+            problems.push((
+                "dynamic_checkpoint.trigger_file_path",
+                "a file name in output_dir, not a path".into(),
+            ));
+        }
     }
     problems
 }

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -40,6 +41,11 @@ pub struct RunInputs<'a> {
     pub save_weights: &'a dyn Fn(&CausalLm, &Path, bool) -> Result<(), ModelError>,
     /// Receives every log line.
     pub log: &'a mut dyn FnMut(&str),
+    /// Set (by Ctrl-C) to stop: the run saves a checkpoint after the current step and returns.
+    pub stop: Option<&'a AtomicBool>,
+    /// `dynamic_checkpoint`: a trigger file, looked for every so many steps; when found it is
+    /// deleted and a checkpoint saved.
+    pub trigger: Option<(PathBuf, usize)>,
 }
 
 /// One logged training step.
@@ -68,6 +74,8 @@ pub struct RunReport {
     pub total_steps: usize,
     /// Checkpoints written.
     pub checkpoints: Vec<PathBuf>,
+    /// The checkpoint saved when the run was stopped before its end.
+    pub interrupted: Option<PathBuf>,
 }
 
 fn io_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
@@ -324,8 +332,21 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 progress.log_history.push(entry);
                 report.eval_loss = Some(eval_loss);
             }
+            let triggered = inputs
+                .trigger
+                .as_ref()
+                .is_some_and(|(file, every)| progress.global_step % every == 0 && file.is_file());
+            if triggered {
+                if let Some((file, _)) = &inputs.trigger {
+                    let _ = std::fs::remove_file(file);
+                    log(&format!("{} found: saving a checkpoint", file.display()));
+                }
+            }
+            let stopping = inputs.stop.is_some_and(|s| s.load(Ordering::SeqCst));
             let save_now = save_every.is_some_and(|n| progress.global_step % n == 0)
-                || (save_each_epoch && end_of_epoch && !last);
+                || (save_each_epoch && end_of_epoch && !last)
+                || triggered
+                || (stopping && !last);
             if save_now {
                 let dir = checkpoint::save(
                     inputs.output_dir,
@@ -336,7 +357,11 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                     &|dir| (inputs.save_weights)(model, dir, false),
                 )?;
                 log(&format!("saved {}", dir.display()));
-                report.checkpoints.push(dir);
+                report.checkpoints.push(dir.clone());
+                if stopping {
+                    report.interrupted = Some(dir);
+                    return Ok(report);
+                }
             }
         }
         epoch += 1;

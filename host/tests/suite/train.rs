@@ -441,3 +441,61 @@ fn evaluate_writes_eval_results_matching_the_runs_final_evaluation() {
     assert!((results["eval_perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
     assert!(results["eval_tokens"].as_u64().unwrap() > 0);
 }
+
+/// A trigger file in `output_dir` makes the run save a checkpoint at the next check and is
+/// deleted; Ctrl-C (SIGINT) saves a checkpoint after the current step and exits with 130.
+#[test]
+fn trigger_file_and_ctrl_c_save_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out");
+    std::fs::create_dir_all(&output).unwrap();
+    let config = training_config(
+        dir.path(),
+        &format!(
+            "max_steps: 3\nsave_strategy: 'no'\noutput_dir: {}\ndynamic_checkpoint:\n  enabled: true\n  check_interval: 2\n  trigger_file_path: now.save\n",
+            output.display()
+        ),
+    );
+    std::fs::write(output.join("now.save"), "").unwrap();
+    axl_train(&config, &[]);
+    let found: Vec<usize> = axl::train::checkpoint::checkpoints(&output)
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect();
+    assert_eq!(found, vec![2]);
+    assert!(!output.join("now.save").exists());
+
+    let long = dir.path().join("long");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .arg("train")
+        .arg(&config)
+        .args([
+            "--output-dir",
+            long.to_str().unwrap(),
+            "--max-steps",
+            "100000",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = long.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(started.elapsed().as_secs() < 60, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("stopped; the run can continue from"),
+        "{stderr}"
+    );
+    let latest = axl::train::checkpoint::latest(&long).expect("a checkpoint was saved");
+    axl::model::CausalLm::load(&latest, &axl::model::LoadOptions::default()).unwrap();
+}
