@@ -806,9 +806,9 @@ mod tests {
 
     #[test]
     fn axolotl_keys_axl_lacks_are_errors_unless_left_empty() {
-        let err =
-            load("base_model: x\nwandb_project: my-run\nneftune_noise_alpha: 5\n").unwrap_err();
-        assert_eq!(keys(&err), vec!["wandb_project", "neftune_noise_alpha"]);
+        let err = load("base_model: x\nwandb_project: my-run\nunfrozen_parameters: ['^lm_head']\n")
+            .unwrap_err();
+        assert_eq!(keys(&err), vec!["wandb_project", "unfrozen_parameters"]);
         assert!(err.to_string().contains("does not implement yet"), "{err}");
         load("base_model: x\nwandb_project:\nwandb_entity: ''\ndeepspeed:\nfsdp: []\ngroup_by_length: false\nstrict: true\n")
             .unwrap();

@@ -119,6 +119,10 @@ pub struct TrainingConfig {
     pub tf32: Option<BoolOrAuto>,
     /// Checkpoints on demand.
     pub dynamic_checkpoint: Option<DynamicCheckpoint>,
+    /// NEFTune noise on the embeddings (Axolotl's name).
+    pub noisy_embedding_alpha: Option<f64>,
+    /// NEFTune noise on the embeddings (transformers' name).
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 impl Default for TrainingConfig {
@@ -152,6 +156,8 @@ impl Default for TrainingConfig {
             fp16: None,
             tf32: None,
             dynamic_checkpoint: None,
+            noisy_embedding_alpha: None,
+            neftune_noise_alpha: None,
         }
     }
 }
@@ -186,6 +192,8 @@ pub const TRAINING_KEYS: &[&str] = &[
     "fp16",
     "tf32",
     "dynamic_checkpoint",
+    "noisy_embedding_alpha",
+    "neftune_noise_alpha",
 ];
 
 /// Problems with the training keys, as `(key, message)`.
@@ -299,6 +307,21 @@ pub fn validate(t: &TrainingConfig) -> Vec<(&'static str, String)> {
     }
     if t.fp16 == Some(true) && t.bf16 == Some(BoolOrAuto::Bool(true)) {
         problems.push(("fp16", "fp16 and bf16 cannot both be true".into()));
+    }
+    if t.noisy_embedding_alpha.is_some() && t.neftune_noise_alpha.is_some() {
+        problems.push((
+            "neftune_noise_alpha",
+            "set noisy_embedding_alpha or neftune_noise_alpha, not both (they are one setting)"
+                .into(),
+        ));
+    }
+    for (key, value) in [
+        ("noisy_embedding_alpha", t.noisy_embedding_alpha),
+        ("neftune_noise_alpha", t.neftune_noise_alpha),
+    ] {
+        if value.is_some_and(|a| a.is_nan() || a < 0.0) {
+            problems.push((key, "must be a non-negative number".into()));
+        }
     }
     if let Some(d) = &t.dynamic_checkpoint {
         if d.check_interval == 0 {

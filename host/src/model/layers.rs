@@ -66,6 +66,22 @@ impl DropoutRng {
         Self(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))
     }
 
+    /// Noise uniform in `[-bound, bound)`.
+    pub fn uniform(
+        &self,
+        shape: &[usize],
+        bound: f64,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let bound = bound as f32;
+        let mut rng = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let values: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
+            .collect();
+        Tensor::from_vec(values, shape, device)
+    }
+
     fn mask(
         &self,
         shape: &[usize],

@@ -198,6 +198,7 @@ pub struct CausalLm {
     pub lm_head: Linear,
     rotary: ops::Rotary,
     dropout: Option<DropoutRng>,
+    embedding_noise: Option<f64>,
     device: Device,
 }
 
@@ -378,6 +379,7 @@ impl CausalLm {
             norm,
             lm_head,
             dropout: None,
+            embedding_noise: None,
             device: options.device.clone(),
             config,
         })
@@ -391,6 +393,12 @@ impl CausalLm {
     /// Turns training-time dropout on (with a seeded stream) or off.
     pub fn set_dropout(&mut self, seed: Option<u64>) {
         self.dropout = seed.map(DropoutRng::new);
+    }
+
+    /// NEFTune (arXiv 2310.05914): while training (dropout on), adds noise uniform in
+    /// `±alpha / sqrt(len · hidden)` to the embeddings, as transformers' `neftune_noise_alpha`.
+    pub fn set_embedding_noise(&mut self, alpha: Option<f64>) {
+        self.embedding_noise = alpha;
     }
 
     /// Final hidden states `[batch, len, hidden]` for `input_ids` of shape `[batch, len]`.
@@ -464,6 +472,11 @@ impl CausalLm {
         mut cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(input_ids)?;
+        if let (Some(alpha), Some(rng)) = (self.embedding_noise, &self.dropout) {
+            let (_, len, hidden) = x.dims3()?;
+            let bound = alpha / ((len * hidden) as f64).sqrt();
+            x = (&x + rng.uniform(x.dims(), bound, &self.device)?)?;
+        }
         if self.config.gemma_norms {
             let normalizer = (self.config.hidden_size as f64).sqrt() as f32;
             x = (x * normalizer as f64)?;

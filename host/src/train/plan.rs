@@ -75,6 +75,8 @@ pub struct TrainSettings {
     pub save_total_limit: Option<usize>,
     /// Whether the configuration asked for bf16 or fp16 compute, which the CPU runs in f32.
     pub half_precision_requested: bool,
+    /// NEFTune's alpha.
+    pub embedding_noise_alpha: Option<f64>,
 }
 
 impl TrainSettings {
@@ -129,6 +131,7 @@ impl TrainSettings {
             save_total_limit: t.save_total_limit,
             half_precision_requested: t.fp16 == Some(true)
                 || t.bf16 == Some(BoolOrAuto::Bool(true)),
+            embedding_noise_alpha: t.noisy_embedding_alpha.or(t.neftune_noise_alpha),
         })
     }
 }

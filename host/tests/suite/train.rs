@@ -499,3 +499,32 @@ fn trigger_file_and_ctrl_c_save_checkpoints() {
     let latest = axl::train::checkpoint::latest(&long).expect("a checkpoint was saved");
     axl::model::CausalLm::load(&latest, &axl::model::LoadOptions::default()).unwrap();
 }
+
+/// NEFTune noise changes the forward pass only while training (dropout on), reproducibly for a
+/// seed; evaluation sees the clean embeddings.
+#[test]
+fn neftune_noise_applies_only_while_training_and_is_seeded() {
+    let mut model = trainable_llama(true);
+    let ids = candle_core::Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], model.device()).unwrap();
+    let clean = model.hidden_states(&ids, None).unwrap();
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    model.set_embedding_noise(Some(5.0));
+    model.set_dropout(Some(9));
+    let noisy = model.hidden_states(&ids, None).unwrap();
+    model.set_dropout(Some(9));
+    let again = model.hidden_states(&ids, None).unwrap();
+    model.set_dropout(None);
+    let eval = model.hidden_states(&ids, None).unwrap();
+    assert!(diff(&noisy, &clean) > 1e-4);
+    assert_eq!(diff(&noisy, &again), 0.0);
+    assert_eq!(diff(&eval, &clean), 0.0);
+}
