@@ -130,10 +130,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let terminal = std::io::stderr().is_terminal();
     let mut log = |line: &str| {
         if terminal {
-            eprintln!("\x1b[2K{line}");
+            eprintln!("\r\x1b[2K{line}");
         } else {
             eprintln!("{line}");
         }
+    };
+    let mut bar = |line: &str| {
+        use std::io::Write;
+        eprint!("\r\x1b[2K{line}");
+        let _ = std::io::stderr().flush();
     };
     let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
     ctrlc::set_handler(move || {
@@ -168,6 +173,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             resume_from: resume.as_deref(),
             save_weights: &save_weights,
             log: &mut log,
+            progress_bar: if terminal { Some(&mut bar) } else { None },
             stop: Some(stop),
             trigger,
         },

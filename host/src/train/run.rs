@@ -41,6 +41,8 @@ pub struct RunInputs<'a> {
     pub save_weights: &'a dyn Fn(&CausalLm, &Path, bool) -> Result<(), ModelError>,
     /// Receives every log line.
     pub log: &'a mut dyn FnMut(&str),
+    /// Receives a one-line progress bar after every step (on a terminal; `None` otherwise).
+    pub progress_bar: Option<&'a mut dyn FnMut(&str)>,
     /// Set (by Ctrl-C) to stop: the run saves a checkpoint after the current step and returns.
     pub stop: Option<&'a AtomicBool>,
     /// `dynamic_checkpoint`: a trigger file, looked for every so many steps; when found it is
@@ -129,10 +131,26 @@ fn seconds_text(s: f64) -> String {
     }
 }
 
+/// `[#####-----] step/total | details`.
+fn bar_line(step: usize, total: usize, details: &str) -> String {
+    const WIDTH: usize = 24;
+    let filled = (step * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH)
+        .min(WIDTH);
+    format!(
+        "[{}{}] {step}/{total} | {details}",
+        "#".repeat(filled),
+        "-".repeat(WIDTH - filled)
+    )
+}
+
 /// Runs (or continues) training. The model's trainable parameters are what is trained.
 pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, ModelError> {
     let settings = inputs.settings;
     let log = inputs.log;
+    let mut progress_bar = inputs.progress_bar;
+    let mut tokens_this_run = 0usize;
     std::fs::create_dir_all(inputs.output_dir).map_err(|e| io_error(inputs.output_dir, e))?;
     if inputs.train.is_empty() {
         return Err(ModelError::Invalid(
@@ -286,6 +304,22 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
             window_tokens += outcome.tokens;
             let last = progress.global_step == total_steps;
             let end_of_epoch = index + 1 == groups.len();
+            tokens_this_run += outcome.tokens;
+            if let Some(bar) = progress_bar.as_mut() {
+                let seconds = started.elapsed().as_secs_f64().max(1e-9);
+                let done = progress.global_step - steps_at_start;
+                let eta = seconds / done as f64 * (total_steps - progress.global_step) as f64;
+                bar(&bar_line(
+                    progress.global_step,
+                    total_steps,
+                    &format!(
+                        "loss {:.4} | lr {lr:.2e} | {:.0} tokens/s | eta {}",
+                        outcome.loss,
+                        tokens_this_run as f64 / seconds,
+                        seconds_text(eta)
+                    ),
+                ));
+            }
             if progress.global_step % logging_steps == 0 || last {
                 let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tokens_per_second = window_tokens as f64 / elapsed;
