@@ -129,7 +129,7 @@ fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
 fn main() -> anyhow::Result<()> {
     axl::allocator::tune_for_tensors();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = args.first().context("usage: axl-bench-model forward|train-full|train-lora|generate [--seq N] [--steps N] [--new-tokens N]")?.clone();
+    let mode = args.first().context("usage: axl-bench-model forward|train-full|train-lora|generate [--seq N] [--steps N] [--new-tokens N] [--gradient-checkpointing]")?.clone();
     let seq = arg(&args, "--seq", 512)?;
     let steps = arg(&args, "--steps", 3)?;
     let new_tokens = arg(&args, "--new-tokens", 256)?;
@@ -161,10 +161,16 @@ fn main() -> anyhow::Result<()> {
                 lora::attach_new(&mut model, &settings, 0)?;
             }
             let vars = model.trainable_params();
+            let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
             let secs = seconds_per_step(steps, || {
-                let logits = model.forward(&input, None)?;
-                let loss = ops::causal_lm_loss(&logits, &labels)?.mean()?;
-                let grads = loss.backward()?;
+                let grads = if checkpointing {
+                    model
+                        .checkpointed_loss_and_grads(&input, None, &labels, 1.0 / seq as f64)?
+                        .2
+                } else {
+                    let logits = model.forward(&input, None)?;
+                    ops::causal_lm_loss(&logits, &labels)?.mean()?.backward()?
+                };
                 for (name, var) in &vars {
                     if grads.get(var).is_none() {
                         bail!("no gradient for {name}");
@@ -172,7 +178,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             })?;
-            json!({"mode": mode, "seq": seq, "tokens_per_s": seq as f64 / secs, "step_s": secs})
+            json!({"mode": mode, "seq": seq, "gradient_checkpointing": checkpointing, "tokens_per_s": seq as f64 / secs, "step_s": secs})
         }
         "generate" => {
             let model = random_model(SMOLLM2_135M, false)?;

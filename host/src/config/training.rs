@@ -119,6 +119,9 @@ pub struct TrainingConfig {
     pub tf32: Option<BoolOrAuto>,
     /// Checkpoints on demand.
     pub dynamic_checkpoint: Option<DynamicCheckpoint>,
+    /// Recompute each decoder layer's activations in the backward pass (`true`; the
+    /// `offload` variants are not implemented).
+    pub gradient_checkpointing: Option<BoolOrAuto>,
     /// NEFTune noise on the embeddings (Axolotl's name).
     pub noisy_embedding_alpha: Option<f64>,
     /// NEFTune noise on the embeddings (transformers' name).
@@ -156,6 +159,7 @@ impl Default for TrainingConfig {
             fp16: None,
             tf32: None,
             dynamic_checkpoint: None,
+            gradient_checkpointing: None,
             noisy_embedding_alpha: None,
             neftune_noise_alpha: None,
         }
@@ -192,6 +196,7 @@ pub const TRAINING_KEYS: &[&str] = &[
     "fp16",
     "tf32",
     "dynamic_checkpoint",
+    "gradient_checkpointing",
     "noisy_embedding_alpha",
     "neftune_noise_alpha",
 ];
@@ -307,6 +312,12 @@ pub fn validate(t: &TrainingConfig) -> Vec<(&'static str, String)> {
     }
     if t.fp16 == Some(true) && t.bf16 == Some(BoolOrAuto::Bool(true)) {
         problems.push(("fp16", "fp16 and bf16 cannot both be true".into()));
+    }
+    if let Some(BoolOrAuto::Text(mode)) = &t.gradient_checkpointing {
+        problems.push((
+            "gradient_checkpointing",
+            format!("`{mode}` (activation offloading) is not implemented yet; use true"),
+        ));
     }
     if t.noisy_embedding_alpha.is_some() && t.neftune_noise_alpha.is_some() {
         problems.push((

@@ -66,6 +66,16 @@ impl DropoutRng {
         Self(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))
     }
 
+    /// The stream's current state.
+    pub fn state(&self) -> ChaCha8Rng {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Rewinds (or advances) the stream to a saved state.
+    pub fn set_state(&self, state: ChaCha8Rng) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
     /// Noise uniform in `[-bound, bound)`.
     pub fn uniform(
         &self,

@@ -463,14 +463,9 @@ impl CausalLm {
         self.run_layers(input_ids, &cos, &sin, &mask_for, None)
     }
 
-    fn run_layers(
-        &self,
-        input_ids: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask_for: &dyn Fn(Option<usize>) -> candle_core::Result<Tensor>,
-        mut cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
+    /// The input of the first layer: embeddings, NEFTune noise while training, and gemma's
+    /// `sqrt(hidden)` scaling.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(input_ids)?;
         if let (Some(alpha), Some(rng)) = (self.embedding_noise, &self.dropout) {
             let (_, len, hidden) = x.dims3()?;
@@ -481,6 +476,108 @@ impl CausalLm {
             let normalizer = (self.config.hidden_size as f64).sqrt() as f32;
             x = (x * normalizer as f64)?;
         }
+        Ok(x)
+    }
+
+    /// The causal-LM loss of a batch and `scale` times its gradients, with activation
+    /// checkpointing (`gradient_checkpointing`): the forward pass keeps only each decoder
+    /// layer's input, and the backward pass recomputes one layer at a time, replaying its
+    /// dropout masks, so the gradients equal those of the plain backward pass while at most one
+    /// layer's activations are alive. Returns the loss sum, the counted positions, and the
+    /// gradients.
+    pub fn checkpointed_loss_and_grads(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&PackedLayout>,
+        labels: &Tensor,
+        scale: f64,
+    ) -> Result<(f64, usize, candle_core::backprop::GradStore)> {
+        let (_, len) = input_ids.dims2()?;
+        let (cos, sin) = match layout {
+            Some(l) => self
+                .rotary
+                .tables_for_positions(&l.position_ids, &self.device)?,
+            None => self.rotary.tables(0, len, &self.device)?,
+        };
+        let groups = self.config.gqa_groups();
+        let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
+        let mut layer_masks = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let kind = layer.self_attn.kind;
+            if let Some((_, m)) = masks.iter().find(|(k, _)| *k == kind) {
+                layer_masks.push(m.clone());
+                continue;
+            }
+            let window = match kind {
+                LayerAttention::Full => None,
+                LayerAttention::Sliding { window } => Some(window),
+            };
+            let m = match layout {
+                Some(l) => ops::packed_attention_mask(
+                    &l.position_ids,
+                    &l.sequence_ids,
+                    window,
+                    groups,
+                    &self.device,
+                )?,
+                None => ops::attention_mask(len, 0, len, window, groups, &self.device)?,
+            };
+            masks.push((kind, m.clone()));
+            layer_masks.push(m);
+        }
+        let positions = |i: usize| Positions {
+            cos: &cos,
+            sin: &sin,
+            mask: &layer_masks[i],
+        };
+        let mut inputs = vec![self.embed(input_ids)?.detach()];
+        let mut rng_states = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            rng_states.push(self.dropout.as_ref().map(DropoutRng::state));
+            let y = self.layer_forward(layer, &inputs[i], &positions(i), None)?;
+            inputs.push(y.detach());
+        }
+        let top = candle_core::Var::from_tensor(&inputs[self.layers.len()])?;
+        let logits = self.logits(&self.norm.forward(top.as_tensor())?)?;
+        let loss = ops::causal_lm_loss(&logits, labels)?;
+        let sum = loss.sum.to_scalar::<f32>()? as f64;
+        let mut grads = (loss.sum * scale)?.backward()?;
+        drop(logits);
+        let after_head = self.dropout.as_ref().map(DropoutRng::state);
+        let mut upstream = grads
+            .remove(top.as_tensor())
+            .ok_or_else(|| ModelError::Invalid("no gradient reached the last layer".into()))?;
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            if let (Some(rng), Some(state)) = (&self.dropout, &rng_states[i]) {
+                rng.set_state(state.clone());
+            }
+            let x = candle_core::Var::from_tensor(&inputs[i])?;
+            let y = self.layer_forward(layer, x.as_tensor(), &positions(i), None)?;
+            let mut layer_grads = (y * &upstream)?.sum_all()?.backward()?;
+            upstream = layer_grads
+                .remove(x.as_tensor())
+                .ok_or_else(|| ModelError::Invalid(format!("no gradient reached layer {i}")))?;
+            grads.extend(layer_grads)?;
+        }
+        if matches!(self.embed_tokens.weight, Param::Trainable(_)) {
+            let x0 = self.embed(input_ids)?;
+            grads.extend((x0 * &upstream)?.sum_all()?.backward()?)?;
+        }
+        if let (Some(rng), Some(state)) = (&self.dropout, after_head) {
+            rng.set_state(state);
+        }
+        Ok((sum, loss.count, grads))
+    }
+
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask_for: &dyn Fn(Option<usize>) -> candle_core::Result<Tensor>,
+        mut cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
         let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let kind = layer.self_attn.kind;

@@ -77,6 +77,8 @@ pub struct TrainSettings {
     pub half_precision_requested: bool,
     /// NEFTune's alpha.
     pub embedding_noise_alpha: Option<f64>,
+    /// Recompute each decoder layer's activations in the backward pass.
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainSettings {
@@ -132,6 +134,7 @@ impl TrainSettings {
             half_precision_requested: t.fp16 == Some(true)
                 || t.bf16 == Some(BoolOrAuto::Bool(true)),
             embedding_noise_alpha: t.noisy_embedding_alpha.or(t.neftune_noise_alpha),
+            gradient_checkpointing: t.gradient_checkpointing == Some(BoolOrAuto::Bool(true)),
         })
     }
 }

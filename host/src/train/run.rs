@@ -285,7 +285,8 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                     .wrapping_add(step_number as u64),
             ));
             let lr = schedule.lr(step_number);
-            let (mut grads, outcome) = step::accumulate(model, &params, group)?;
+            let (mut grads, outcome) =
+                step::accumulate(model, &params, group, settings.gradient_checkpointing)?;
             grads.clip(outcome.grad_norm, settings.max_grad_norm);
             step::apply(&mut optimizer, &params, &grads, lr)?;
             progress.global_step += 1;

@@ -72,11 +72,13 @@ impl Gradients {
     }
 }
 
-/// Forward and backward over `batches`; returns the summed gradients and the step's loss.
+/// Forward and backward over `batches` (with activation checkpointing when `checkpointing`);
+/// returns the summed gradients and the step's loss.
 pub fn accumulate(
     model: &CausalLm,
     params: &[(String, Var)],
     batches: &[Batch],
+    checkpointing: bool,
 ) -> Result<(Gradients, StepOutcome)> {
     let trained_tokens: usize = batches.iter().map(trained_positions).sum();
     let tokens: usize = batches
@@ -89,13 +91,27 @@ pub fn accumulate(
         .collect();
     let mut loss_sum = 0f64;
     for batch in batches {
-        let (sum, count) = batch_loss(model, batch)?;
-        if count == 0 {
-            continue;
-        }
-        loss_sum += sum.to_scalar::<f32>()? as f64;
-        let scaled = (sum / trained_tokens as f64)?;
-        let grads = scaled.backward()?;
+        let grads = if checkpointing {
+            let (ids, labels) = batch.tensors(model.device())?;
+            let (sum, count, grads) = model.checkpointed_loss_and_grads(
+                &ids,
+                batch.layout.as_ref(),
+                &labels,
+                1.0 / trained_tokens.max(1) as f64,
+            )?;
+            if count == 0 {
+                continue;
+            }
+            loss_sum += sum;
+            grads
+        } else {
+            let (sum, count) = batch_loss(model, batch)?;
+            if count == 0 {
+                continue;
+            }
+            loss_sum += sum.to_scalar::<f32>()? as f64;
+            (sum / trained_tokens as f64)?.backward()?
+        };
         for ((_, var), acc) in params.iter().zip(&mut values) {
             if let Some(g) = grads.get(var.as_tensor()) {
                 let g = g.flatten_all()?.to_vec1::<f32>()?;

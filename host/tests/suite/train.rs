@@ -192,7 +192,7 @@ fn loss_and_gradients_do_not_depend_on_the_accumulation_split() {
                 config.training.gradient_accumulation_steps = accumulation;
                 let settings = TrainSettings::from_config(&config).unwrap();
                 let batches = micro_batches(&refs, &settings, packing, 0);
-                let (grads, outcome) = accumulate(&model, &params, &batches).unwrap();
+                let (grads, outcome) = accumulate(&model, &params, &batches, false).unwrap();
                 results.push((mbs, accumulation, outcome, grads.values));
             }
             let (_, _, first, first_grads) = &results[0];
@@ -527,4 +527,84 @@ fn neftune_noise_applies_only_while_training_and_is_seeded() {
     assert!(diff(&noisy, &clean) > 1e-4);
     assert_eq!(diff(&noisy, &again), 0.0);
     assert_eq!(diff(&eval, &clean), 0.0);
+}
+
+/// Activation checkpointing gives the loss and gradients of the plain backward pass (1e-5),
+/// with LoRA dropout replayed, packed or not, and on gemma2's sliding-window, tied layers.
+#[test]
+fn gradient_checkpointing_gives_the_plain_gradients() {
+    use axl::train::plan::{micro_batches, TrainSettings};
+    use axl::train::step::accumulate;
+    let data = examples(6, 5);
+    let refs: Vec<&axl::data::example::Tokenized> = data.iter().collect();
+    let mut config = axl::config::AxlConfig::default();
+    config.sequence_len = 64;
+    config.micro_batch_size = 3;
+    let settings = TrainSettings::from_config(&config).unwrap();
+    let gemma = || {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2");
+        let options = axl::model::LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        axl::model::CausalLm::load(&dir, &options).unwrap()
+    };
+    let lora_with_dropout = || {
+        use axl::model::lora::{self, LoraSettings, TargetModules};
+        let mut model = trainable_llama(false);
+        lora::freeze_all(&mut model);
+        let settings = LoraSettings {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.2,
+            target: TargetModules::AllLinear,
+            modules_to_save: vec!["lm_head".into()],
+            use_rslora: false,
+            layers_to_transform: None,
+        };
+        lora::attach_new(&mut model, &settings, 3).unwrap();
+        for (_, var) in model.trainable_params() {
+            var.set(&(var.as_tensor() + 0.01).unwrap()).unwrap();
+        }
+        model
+    };
+    let models: Vec<(&str, axl::model::CausalLm)> = vec![
+        ("llama full", trainable_llama(false)),
+        ("llama lora dropout", lora_with_dropout()),
+        ("gemma2 full", gemma()),
+    ];
+    for (name, mut model) in models {
+        let params = model.trainable_params();
+        for packing in [false, true] {
+            let batches = micro_batches(&refs, &settings, packing, 0);
+            let mut runs = Vec::new();
+            for checkpointing in [false, true] {
+                model.set_dropout(Some(77));
+                runs.push(accumulate(&model, &params, &batches, checkpointing).unwrap());
+            }
+            let ((plain, a), (checkpointed, b)) = (&runs[0], &runs[1]);
+            let what = format!("{name}, packing {packing}");
+            assert!(
+                (a.loss - b.loss).abs() < 1e-5 * a.loss.abs(),
+                "{what}: {} vs {}",
+                a.loss,
+                b.loss
+            );
+            assert!(
+                (a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm,
+                "{what}"
+            );
+            for (g, h) in plain
+                .values
+                .iter()
+                .flatten()
+                .zip(checkpointed.values.iter().flatten())
+            {
+                assert!(
+                    (g - h).abs() <= 1e-5 * (1.0 + g.abs()),
+                    "{what}: {g} vs {h}"
+                );
+            }
+        }
+    }
 }
