@@ -537,9 +537,11 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
     use axl::train::step::accumulate;
     let data = examples(6, 5);
     let refs: Vec<&axl::data::example::Tokenized> = data.iter().collect();
-    let mut config = axl::config::AxlConfig::default();
-    config.sequence_len = 64;
-    config.micro_batch_size = 3;
+    let config = axl::config::AxlConfig {
+        sequence_len: 64,
+        micro_batch_size: 3,
+        ..Default::default()
+    };
     let settings = TrainSettings::from_config(&config).unwrap();
     let gemma = || {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gemma2");
