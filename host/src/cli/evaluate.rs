@@ -39,11 +39,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             eprintln!("evaluating with the adapter of {}", dir.display());
         }
     }
-    let pad_id = tokenizer
-        .pad
-        .as_ref()
-        .or(tokenizer.eos.as_ref())
-        .map_or(0, |(_, id)| *id);
+    let pad_id = tokenizer.padding_id();
     let refs: Vec<_> = eval.iter().collect();
     let batches = micro_batches(&refs, &settings, settings.eval_sample_packing, pad_id);
     let (eval_loss, eval_tokens) = step::evaluate(&model, &batches)?;

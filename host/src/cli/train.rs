@@ -122,11 +122,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             .map(|_| ()),
         }
     };
-    let pad_id = tokenizer
-        .pad
-        .as_ref()
-        .or(tokenizer.eos.as_ref())
-        .map_or(0, |(_, id)| *id);
+    let pad_id = tokenizer.padding_id();
     let terminal = std::io::stderr().is_terminal();
     let mut log = |line: &str| {
         if terminal {
@@ -140,9 +136,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eprint!("\r\x1b[2K{line}");
         let _ = std::io::stderr().flush();
     };
-    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond interrupt: exiting without saving");
             std::process::exit(130);
         }
@@ -174,7 +170,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             save_weights: &save_weights,
             log: &mut log,
             progress_bar: if terminal { Some(&mut bar) } else { None },
-            stop: Some(stop),
+            stop: Some(&STOP),
             trigger,
         },
     )?;

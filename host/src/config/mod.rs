@@ -442,17 +442,7 @@ fn clean_message(message: String) -> String {
 impl LoadedConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let fail = |message: String, line: Option<usize>| ConfigError {
-            path: path.to_path_buf(),
-            problems: vec![Problem {
-                key: "(file)".into(),
-                line,
-                message,
-            }],
-        };
-        let text =
-            std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}"), None))?;
-        Self::from_str(&text, path)
+        Self::load_with_overrides(path, &[])
     }
 
     /// Validates the text of a configuration file; `path` names it in errors.

@@ -122,12 +122,7 @@ impl<'a> PretrainingStream<'a> {
             Some(DatasetType::Name(n)) if n == "pretrain" || n.is_empty() => None,
             Some(_) => Some(Strategy::for_dataset(ds, &ctx).map_err(|e| e.in_dataset(&label))?),
         };
-        let pad_id = ctx
-            .tokenizer
-            .pad
-            .as_ref()
-            .or(ctx.tokenizer.eos.as_ref())
-            .map_or(0, |t| t.1);
+        let pad_id = ctx.tokenizer.padding_id();
         let mut stream = Self {
             rows: RowStream {
                 files,

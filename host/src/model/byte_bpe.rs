@@ -196,53 +196,47 @@ impl Splitter {
                 {
                     return i + last_newline + 1;
                 }
+                return whitespace_end(text, i, spaces);
             }
         }
-        let spaces = run_end(classes, text, i, Class::Space, usize::MAX);
-        if spaces == text.len() {
-            return spaces;
-        }
-        let last = text[..spaces]
-            .char_indices()
-            .next_back()
-            .map_or(spaces, |(at, _)| at);
-        if last > i {
-            last
-        } else {
-            spaces
-        }
+        whitespace_end(text, i, run_end(classes, text, i, Class::Space, usize::MAX))
     }
 
-    /// The end of a contraction (`'s`, `'t`, `'re`, `'ve`, `'m`, `'ll`, `'d`) whose
+    /// The end of the contraction (`'s`, `'t`, `'re`, `'ve`, `'m`, `'ll`, `'d`) whose
     /// apostrophe ends at `i`, case-insensitive for Llama 3.
     fn contraction(self, text: &str, i: usize) -> Option<usize> {
-        let rest = &text[i..];
-        let fold = |c: char| -> char {
-            match self {
-                Splitter::Gpt2 => c,
-                Splitter::Llama3 { .. } => match c {
-                    '\u{17F}' => 's',
-                    c => c.to_ascii_lowercase(),
-                },
-            }
+        let fold = |c: char| match self {
+            Splitter::Gpt2 => c,
+            Splitter::Llama3 { .. } if c == '\u{17F}' => 's',
+            Splitter::Llama3 { .. } => c.to_ascii_lowercase(),
         };
-        let mut chars = rest.chars();
-        let first = fold(chars.next()?);
-        match first {
-            's' | 't' | 'm' | 'd' => Some(i + rest.chars().next()?.len_utf8()),
-            'r' | 'v' | 'l' => {
-                let second = chars.next()?;
-                let want = match first {
-                    'r' | 'v' => 'e',
-                    _ => 'l',
-                };
-                (fold(second) == want).then(|| {
-                    let mut it = rest.chars();
-                    i + it.next().map_or(0, char::len_utf8) + it.next().map_or(0, char::len_utf8)
-                })
-            }
-            _ => None,
-        }
+        let mut chars = text[i..].chars();
+        let first = chars.next()?;
+        let second_wanted = match fold(first) {
+            's' | 't' | 'm' | 'd' => return Some(i + first.len_utf8()),
+            'r' | 'v' => 'e',
+            'l' => 'l',
+            _ => return None,
+        };
+        let second = chars.next().filter(|c| fold(*c) == second_wanted)?;
+        Some(i + first.len_utf8() + second.len_utf8())
+    }
+}
+
+/// `\s+(?!\S)|\s+` at `i`, where the whitespace run ends at `spaces`: the run without its last
+/// character when a non-space follows and more than one character remains, else the run.
+fn whitespace_end(text: &str, i: usize, spaces: usize) -> usize {
+    if spaces == text.len() {
+        return spaces;
+    }
+    let last = text[..spaces]
+        .char_indices()
+        .next_back()
+        .map_or(spaces, |(at, _)| at);
+    if last > i {
+        last
+    } else {
+        spaces
     }
 }
 

@@ -208,6 +208,11 @@ impl ModelTokenizer {
         Ok(ids)
     }
 
+    /// The id batches are padded with: `pad_token`, else `eos_token`, else 0.
+    pub fn padding_id(&self) -> u32 {
+        self.pad.as_ref().or(self.eos.as_ref()).map_or(0, |t| t.1)
+    }
+
     /// The text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner

@@ -417,13 +417,14 @@ impl CausalLm {
         }
         let (cos, sin) = self.rotary.tables(past, len, &self.device)?;
         let groups = self.config.gqa_groups();
-        let mask_for =
-            |window| ops::attention_mask(len, past, past + len, window, groups, &self.device);
+        let masks = self.layer_masks(&|window| {
+            ops::attention_mask(len, past, past + len, window, groups, &self.device)
+        })?;
         let hidden = self.run_layers(
             input_ids,
             &cos,
             &sin,
-            &mask_for,
+            &masks,
             cache.as_deref_mut().map(|c| (c, past)),
         )?;
         if let Some(c) = cache {
@@ -447,20 +448,8 @@ impl CausalLm {
                 "packed layout does not match input of shape [{batch}, {len}]"
             )));
         }
-        let (cos, sin) = self
-            .rotary
-            .tables_for_positions(&layout.position_ids, &self.device)?;
-        let groups = self.config.gqa_groups();
-        let mask_for = |window| {
-            ops::packed_attention_mask(
-                &layout.position_ids,
-                &layout.sequence_ids,
-                window,
-                groups,
-                &self.device,
-            )
-        };
-        self.run_layers(input_ids, &cos, &sin, &mask_for, None)
+        let (cos, sin, masks) = self.uncached_positions(len, Some(layout))?;
+        self.run_layers(input_ids, &cos, &sin, &masks, None)
     }
 
     /// The input of the first layer: embeddings, NEFTune noise while training, and gemma's
@@ -493,38 +482,7 @@ impl CausalLm {
         scale: f64,
     ) -> Result<(f64, usize, candle_core::backprop::GradStore)> {
         let (_, len) = input_ids.dims2()?;
-        let (cos, sin) = match layout {
-            Some(l) => self
-                .rotary
-                .tables_for_positions(&l.position_ids, &self.device)?,
-            None => self.rotary.tables(0, len, &self.device)?,
-        };
-        let groups = self.config.gqa_groups();
-        let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
-        let mut layer_masks = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let kind = layer.self_attn.kind;
-            if let Some((_, m)) = masks.iter().find(|(k, _)| *k == kind) {
-                layer_masks.push(m.clone());
-                continue;
-            }
-            let window = match kind {
-                LayerAttention::Full => None,
-                LayerAttention::Sliding { window } => Some(window),
-            };
-            let m = match layout {
-                Some(l) => ops::packed_attention_mask(
-                    &l.position_ids,
-                    &l.sequence_ids,
-                    window,
-                    groups,
-                    &self.device,
-                )?,
-                None => ops::attention_mask(len, 0, len, window, groups, &self.device)?,
-            };
-            masks.push((kind, m.clone()));
-            layer_masks.push(m);
-        }
+        let (cos, sin, layer_masks) = self.uncached_positions(len, layout)?;
         let positions = |i: usize| Positions {
             cos: &cos,
             sin: &sin,
@@ -569,19 +527,16 @@ impl CausalLm {
         Ok((sum, loss.count, grads))
     }
 
-    fn run_layers(
+    /// One attention mask per layer, built once per kind of layer (full or sliding window).
+    fn layer_masks(
         &self,
-        input_ids: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
         mask_for: &dyn Fn(Option<usize>) -> candle_core::Result<Tensor>,
-        mut cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let mut x = self.embed(input_ids)?;
-        let mut masks: Vec<(LayerAttention, Tensor)> = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
+    ) -> Result<Vec<Tensor>> {
+        let mut built: Vec<(LayerAttention, Tensor)> = Vec::new();
+        let mut masks = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
             let kind = layer.self_attn.kind;
-            let mask = match masks.iter().find(|(k, _)| *k == kind) {
+            let mask = match built.iter().find(|(k, _)| *k == kind) {
                 Some((_, m)) => m.clone(),
                 None => {
                     let window = match kind {
@@ -589,21 +544,54 @@ impl CausalLm {
                         LayerAttention::Sliding { window } => Some(window),
                     };
                     let m = mask_for(window)?;
-                    masks.push((kind, m.clone()));
+                    built.push((kind, m.clone()));
                     m
                 }
             };
+            masks.push(mask);
+        }
+        Ok(masks)
+    }
+
+    /// Rotary tables and per-layer masks for input without a cache: `len` positions from 0, or
+    /// the sequences of packed rows.
+    fn uncached_positions(
+        &self,
+        len: usize,
+        layout: Option<&PackedLayout>,
+    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let groups = self.config.gqa_groups();
+        let (cos, sin) = match layout {
+            Some(l) => self
+                .rotary
+                .tables_for_positions(&l.position_ids, &self.device)?,
+            None => self.rotary.tables(0, len, &self.device)?,
+        };
+        let masks = self.layer_masks(&|window| match layout {
+            Some(l) => ops::packed_attention_mask(
+                &l.position_ids,
+                &l.sequence_ids,
+                window,
+                groups,
+                &self.device,
+            ),
+            None => ops::attention_mask(len, 0, len, window, groups, &self.device),
+        })?;
+        Ok((cos, sin, masks))
+    }
+
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        masks: &[Tensor],
+        mut cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
+        for (i, (layer, mask)) in self.layers.iter().zip(masks).enumerate() {
             let layer_cache = cache.as_mut().map(|(c, past)| (&mut c.layers[i], *past));
-            x = self.layer_forward(
-                layer,
-                &x,
-                &Positions {
-                    cos,
-                    sin,
-                    mask: &mask,
-                },
-                layer_cache,
-            )?;
+            x = self.layer_forward(layer, &x, &Positions { cos, sin, mask }, layer_cache)?;
         }
         Ok(self.norm.forward(&x)?)
     }

@@ -66,10 +66,6 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
     checkpoints(output_dir).pop().map(|(_, p)| p)
 }
 
-fn io_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::file(path, e)
-}
-
 /// Writes `checkpoint-<step>`: `write_weights` fills the directory with the weights, then the
 /// optimizer state, progress and trainer state follow, and the directory is renamed into
 /// place. Older checkpoints beyond `keep` are deleted afterwards.
@@ -91,7 +87,7 @@ pub fn save(
             }
         }
     }
-    std::fs::create_dir_all(&partial).map_err(|e| io_error(&partial, e))?;
+    std::fs::create_dir_all(&partial).map_err(|e| ModelError::file(&partial, e))?;
     write_weights(&partial)?;
     let (steps, state) = optimizer.state_tensors();
     let tensors: Vec<(String, Tensor)> = state
@@ -113,12 +109,12 @@ pub fn save(
         (TRAINER_STATE_FILE, trainer_state),
     ] {
         let path = partial.join(file);
-        fsio::write_json_atomic(&path, value).map_err(|e| io_error(&path, e))?;
+        fsio::write_json_atomic(&path, value).map_err(|e| ModelError::file(&path, e))?;
     }
     if done.exists() {
-        std::fs::remove_dir_all(&done).map_err(|e| io_error(&done, e))?;
+        std::fs::remove_dir_all(&done).map_err(|e| ModelError::file(&done, e))?;
     }
-    std::fs::rename(&partial, &done).map_err(|e| io_error(&done, e))?;
+    std::fs::rename(&partial, &done).map_err(|e| ModelError::file(&done, e))?;
     if let Some(keep) = keep {
         let all = checkpoints(output_dir);
         let excess = all.len().saturating_sub(keep.max(1));
@@ -133,13 +129,13 @@ pub fn save(
 pub fn restore(dir: &Path, optimizer: &mut Optimizer) -> Result<Progress, ModelError> {
     let progress_path = dir.join(PROGRESS_FILE);
     let text = std::fs::read_to_string(&progress_path).map_err(|e| {
-        io_error(
+        ModelError::file(
             &progress_path,
             format!("{e}; is this a complete axl checkpoint?"),
         )
     })?;
     let p: Value = serde_json::from_str(&text)
-        .map_err(|e| io_error(&progress_path, format!("invalid JSON: {e}")))?;
+        .map_err(|e| ModelError::file(&progress_path, format!("invalid JSON: {e}")))?;
     let field = |k: &str| {
         p.get(k)
             .and_then(Value::as_u64)
@@ -157,7 +153,7 @@ pub fn restore(dir: &Path, optimizer: &mut Optimizer) -> Result<Progress, ModelE
     }
     optimizer
         .restore(optimizer_steps, tensors)
-        .map_err(|e| io_error(&state_path, e))?;
+        .map_err(|e| ModelError::file(&state_path, e))?;
     let state_path = dir.join(TRAINER_STATE_FILE);
     let log_history = std::fs::read_to_string(&state_path)
         .ok()

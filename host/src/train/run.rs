@@ -80,13 +80,10 @@ pub struct RunReport {
     pub interrupted: Option<PathBuf>,
 }
 
-fn io_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
-    ModelError::file(path, e)
-}
-
 /// Appends one JSON object per line to `metrics.jsonl`.
 struct Metrics {
     path: PathBuf,
+    file: std::fs::File,
 }
 
 impl Metrics {
@@ -106,17 +103,16 @@ impl Metrics {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        fsio::write_atomic(&path, kept.as_bytes()).map_err(|e| io_error(&path, e))?;
-        Ok(Self { path })
+        fsio::write_atomic(&path, kept.as_bytes()).map_err(|e| ModelError::file(&path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| ModelError::file(&path, e))?;
+        Ok(Self { path, file })
     }
 
-    fn write(&self, value: &Value) -> Result<(), ModelError> {
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&self.path)
-            .map_err(|e| io_error(&self.path, e))?;
-        writeln!(file, "{value}").map_err(|e| io_error(&self.path, e))
+    fn write(&mut self, value: &Value) -> Result<(), ModelError> {
+        writeln!(self.file, "{value}").map_err(|e| ModelError::file(&self.path, e))
     }
 }
 
@@ -151,14 +147,23 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
     let log = inputs.log;
     let mut progress_bar = inputs.progress_bar;
     let mut tokens_this_run = 0usize;
-    std::fs::create_dir_all(inputs.output_dir).map_err(|e| io_error(inputs.output_dir, e))?;
+    std::fs::create_dir_all(inputs.output_dir)
+        .map_err(|e| ModelError::file(inputs.output_dir, e))?;
     if inputs.train.is_empty() {
         return Err(ModelError::Invalid(
             "no training examples: every example went to evaluation (val_set_size)".into(),
         ));
     }
-    let first_epoch = plan::epoch_batches(inputs.train, settings, 0, inputs.pad_id);
-    let per_epoch = plan::steps_per_epoch(first_epoch.len(), settings.gradient_accumulation_steps);
+    let mut first_epoch = Some(plan::epoch_batches(
+        inputs.train,
+        settings,
+        0,
+        inputs.pad_id,
+    ));
+    let per_epoch = plan::steps_per_epoch(
+        first_epoch.as_ref().map_or(0, Vec::len),
+        settings.gradient_accumulation_steps,
+    );
     let total_steps = settings
         .max_steps
         .unwrap_or_else(|| ((settings.num_epochs * per_epoch as f64).ceil() as usize).max(1));
@@ -216,7 +221,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
             progress.global_step
         ));
     }
-    let metrics = Metrics::open(inputs.output_dir, progress.global_step)?;
+    let mut metrics = Metrics::open(inputs.output_dir, progress.global_step)?;
     model.set_embedding_noise(settings.embedding_noise_alpha);
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
@@ -264,10 +269,9 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
     let mut window_start = Instant::now();
     let mut epoch = progress.global_step / per_epoch;
     while progress.global_step < total_steps {
-        let batches = if epoch == 0 {
-            first_epoch.clone()
-        } else {
-            plan::epoch_batches(inputs.train, settings, epoch, inputs.pad_id)
+        let batches = match first_epoch.take().filter(|_| epoch == 0) {
+            Some(batches) => batches,
+            None => plan::epoch_batches(inputs.train, settings, epoch, inputs.pad_id),
         };
         let groups: Vec<&[crate::data::packing::Batch]> = batches
             .chunks(settings.gradient_accumulation_steps)
@@ -406,6 +410,6 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
     (inputs.save_weights)(model, inputs.output_dir, true)?;
     let state_path = inputs.output_dir.join(checkpoint::TRAINER_STATE_FILE);
     fsio::write_json_atomic(&state_path, &trainer_state(&progress))
-        .map_err(|e| io_error(&state_path, e))?;
+        .map_err(|e| ModelError::file(&state_path, e))?;
     Ok(report)
 }

@@ -9,7 +9,7 @@ use axl::model::generate::{Decoder, SamplingParams};
 use axl::model::tokenizer::ModelTokenizer;
 use axl::model::{lora, CausalLm, LoadOptions};
 
-use super::common::{fixture, get, max_abs_diff, reference};
+use super::common::{axl, fixture, get, max_abs_diff, reference};
 
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("config.yml");
@@ -26,19 +26,13 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
 fn merge_lora_writes_an_hf_directory_with_the_adapter_logits() {
     let work = tempfile::tempdir().unwrap();
     let config = write_config(work.path(), "");
-    let out = Command::new(env!("CARGO_BIN_EXE_axl"))
-        .args([
-            "merge-lora",
-            config.to_str().unwrap(),
+    axl(
+        "merge-lora",
+        &config,
+        &[
             "--lora-model-dir",
             fixture("peft_llama_lora").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     let merged = work.path().join("out/merged");
     for file in [

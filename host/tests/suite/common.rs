@@ -32,16 +32,7 @@ pub fn get(set: &TensorSet, name: &str) -> Tensor {
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 /// Largest absolute value of a tensor.
@@ -60,4 +51,20 @@ pub fn max_abs(a: &Tensor) -> f32 {
 pub fn relative_error(a: &Tensor, reference: &Tensor) -> f32 {
     let scale = max_abs(reference).max(1e-12);
     max_abs_diff(a, reference) / scale
+}
+
+/// Runs `axl <command> <config> <args>`, which must succeed, and returns its output.
+pub fn axl(command: &str, config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .arg(command)
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "axl {command} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

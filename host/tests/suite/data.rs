@@ -9,7 +9,7 @@ use axl::data::pipeline::{prepare, DataSettings, DatasetReport, ExcessLength};
 use axl::model::resolve::HubSettings;
 use axl::model::tokenizer::ModelTokenizer;
 
-use super::common::fixture;
+use super::common::{axl, fixture};
 
 pub fn tokenizer() -> ModelTokenizer {
     ModelTokenizer::load(&fixture("llama")).unwrap()
@@ -398,15 +398,7 @@ fn preprocess_debug_marks_masked_tokens_and_json_gives_ids_and_labels() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.jsonl", ALPACA_ROWS);
     let config = write_config(dir.path(), "");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
-        .args(["preprocess", config.to_str().unwrap(), "--debug"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = axl("preprocess", &config, &["--debug"]);
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
         stdout.contains("[Bel](-100, ") && stdout.contains("<|im_end|>(2, 2)"),
@@ -414,18 +406,11 @@ fn preprocess_debug_marks_masked_tokens_and_json_gives_ids_and_labels() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 rows -> 2 examples"));
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
-        .args([
-            "preprocess",
-            config.to_str().unwrap(),
-            "--debug",
-            "--json",
-            "--debug-num-examples",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = axl(
+        "preprocess",
+        &config,
+        &["--debug", "--json", "--debug-num-examples", "2"],
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()

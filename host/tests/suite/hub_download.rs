@@ -51,6 +51,18 @@ impl HubServer {
     }
 }
 
+impl HubServer {
+    /// Settings that download from this server into `cache`.
+    fn settings(&self, cache: &std::path::Path) -> HubSettings {
+        HubSettings {
+            cache_dirs: vec![cache.to_path_buf()],
+            offline: false,
+            endpoint: Some(self.address.clone()),
+            token: None,
+        }
+    }
+}
+
 impl Drop for HubServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -131,12 +143,7 @@ fn model_is_downloaded_into_the_hf_cache_loads_and_is_reused_offline() {
     }
     let server = HubServer::start(files);
     let cache = tempfile::tempdir().unwrap();
-    let online = HubSettings {
-        cache_dirs: vec![cache.path().to_path_buf()],
-        offline: false,
-        endpoint: Some(server.address.clone()),
-        token: None,
-    };
+    let online = server.settings(cache.path());
     let dir = resolve_model("org/tiny-qwen2", &online).unwrap();
     let expected: PathBuf = cache
         .path()
@@ -190,12 +197,7 @@ fn dataset_is_downloaded_into_the_hf_cache_and_prepared_then_reused_offline() {
     ]);
     let server = HubServer::start(files);
     let cache = tempfile::tempdir().unwrap();
-    let online = HubSettings {
-        cache_dirs: vec![cache.path().to_path_buf()],
-        offline: false,
-        endpoint: Some(server.address.clone()),
-        token: None,
-    };
+    let online = server.settings(cache.path());
     let ds: axl::data::config::DatasetConfig =
         serde_yaml::from_str("path: org/tiny-alpaca\ntype: alpaca").unwrap();
     let settings = super::data::settings();

@@ -6,6 +6,8 @@ use axl::train::optimizer::{decays, Optimizer, OptimizerKind, OptimizerSettings}
 use axl::train::schedule::{warmup_steps, Schedule, ScheduleKind};
 use serde_json::Value;
 
+use super::common::{axl, max_abs_diff};
+
 fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/train")
@@ -261,22 +263,6 @@ fn training_config(dir: &std::path::Path, extra: &str) -> PathBuf {
     path
 }
 
-/// Runs `axl <command> <config> <args>`, which must succeed.
-fn axl(command: &str, config: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
-        .arg(command)
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "axl {command} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn axl_train(config: &std::path::Path, args: &[&str]) -> std::process::Output {
     axl("train", config, args)
 }
@@ -507,16 +493,6 @@ fn neftune_noise_applies_only_while_training_and_is_seeded() {
     let mut model = trainable_llama(true);
     let ids = candle_core::Tensor::new(&[[5u32, 17, 42, 99, 3, 250]], model.device()).unwrap();
     let clean = model.hidden_states(&ids, None).unwrap();
-    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
     model.set_embedding_noise(Some(5.0));
     model.set_dropout(Some(9));
     let noisy = model.hidden_states(&ids, None).unwrap();
@@ -524,9 +500,9 @@ fn neftune_noise_applies_only_while_training_and_is_seeded() {
     let again = model.hidden_states(&ids, None).unwrap();
     model.set_dropout(None);
     let eval = model.hidden_states(&ids, None).unwrap();
-    assert!(diff(&noisy, &clean) > 1e-4);
-    assert_eq!(diff(&noisy, &again), 0.0);
-    assert_eq!(diff(&eval, &clean), 0.0);
+    assert!(max_abs_diff(&noisy, &clean) > 1e-4);
+    assert_eq!(max_abs_diff(&noisy, &again), 0.0);
+    assert_eq!(max_abs_diff(&eval, &clean), 0.0);
 }
 
 /// Activation checkpointing gives the loss and gradients of the plain backward pass (1e-5),
