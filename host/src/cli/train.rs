@@ -92,10 +92,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         _ => setup::load_base(&sources, &options)?,
     };
     if let Some(lora_settings) = &lora_settings {
-        let adapter_from = resume.clone().or_else(|| {
-            setup::trained_adapter_dir(&cfg, &overrides)
-                .filter(|d| setup::is_adapter_dir(d) && cfg.config.lora_model_dir.is_some())
-        });
+        // A run starts from the adapter it resumes, else from `--lora-model-dir` /
+        // `lora_model_dir`, else from a new adapter (never from an earlier run's output).
+        let starting_adapter = overrides
+            .lora_model_dir
+            .as_deref()
+            .or(cfg.config.lora_model_dir.as_deref())
+            .map(|d| cfg.resolve_path(d));
+        let adapter_from = resume.clone().or(starting_adapter);
         match adapter_from {
             Some(dir) => {
                 lora::load_adapter(&mut model, &dir, true)
