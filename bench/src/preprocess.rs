@@ -11,12 +11,6 @@ use std::path::Path;
 use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    TokenizerBuilder,
-};
 
 fn words(rng: &mut ChaCha8Rng) -> Vec<String> {
     const SYLLABLES: [&str; 24] = [
@@ -98,39 +92,8 @@ fn main() -> anyhow::Result<()> {
 
     // A byte-level BPE tokenizer of the GPT-2 / Llama-3 kind, trained on the corpus.
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
-    let mut trainer = BpeTrainerBuilder::new()
-        .vocab_size(8192)
-        .show_progress(false)
-        .special_tokens(
-            specials
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let mut tokenizer = TokenizerBuilder::<
-        BPE,
-        NormalizerWrapper,
-        PreTokenizerWrapper,
-        PostProcessorWrapper,
-        DecoderWrapper,
-    >::new()
-    .with_model(BPE::default())
-    .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
-    .with_decoder(Some(ByteLevel::default().into()))
-    .with_post_processor(Some(ByteLevel::default().trim_offsets(false).into()))
-    .build()
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, format!("{alpaca}\n{chat}"))?;
-    tokenizer
-        .train_from_files(&mut trainer, vec![corpus.to_string_lossy().to_string()])
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::remove_file(&corpus)?;
-    tokenizer
-        .save(dir.join("model/tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let corpus = format!("{alpaca}\n{chat}");
+    axl_example_data::train_byte_level_bpe(&corpus, 8192, &specials, None, &dir.join("model"))?;
     std::fs::write(
         dir.join("model/tokenizer_config.json"),
         serde_json::to_string_pretty(&serde_json::json!({

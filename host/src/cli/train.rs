@@ -11,6 +11,7 @@ use super::TrainArgs;
 use crate::config::training::DEFAULT_TRIGGER_FILE;
 use crate::data;
 use crate::data::example::Tokenized;
+use crate::model::hf_config::ModelConfig;
 use crate::model::resolve::HubSettings;
 use crate::model::safetensors_io::SaveDtype;
 use crate::model::{lora, save, CausalLm, LoadOptions, ModelError};
@@ -87,8 +88,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         trainable: full,
         ..Default::default()
     };
+    let reinit = cfg.config.reinit_weights == Some(true);
     let mut model = match (&resume, full) {
         (Some(dir), true) => CausalLm::load(dir, &options)?,
+        _ if reinit => {
+            eprintln!("reinit_weights: starting from randomly initialized weights");
+            let config = ModelConfig::from_dir(&sources.config_dir)?;
+            CausalLm::random_init(config, settings.seed, &options)?
+        }
         _ => setup::load_base(&sources, &options)?,
     };
     if let Some(lora_settings) = &lora_settings {

@@ -115,6 +115,10 @@ pub struct AxlConfig {
     pub load_in_8bit: Option<bool>,
     /// 4-bit loading (unsupported when true).
     pub load_in_4bit: Option<bool>,
+    /// Start from randomly initialized weights (as transformers initializes them) instead of
+    /// the checkpoint's: pretraining from scratch. Only `config.json` and the tokenizer of
+    /// `base_model` are read.
+    pub reinit_weights: Option<bool>,
     /// Where outputs go.
     pub output_dir: String,
     /// Maximum tokens per sample.
@@ -187,6 +191,7 @@ impl Default for AxlConfig {
             peft_layers_to_transform: None,
             load_in_8bit: None,
             load_in_4bit: None,
+            reinit_weights: None,
             output_dir: "./model-out".into(),
             sequence_len: 512,
             chat_template: None,
@@ -236,6 +241,7 @@ pub const AXL_KEYS: &[&str] = &[
     "peft_layers_to_transform",
     "load_in_8bit",
     "load_in_4bit",
+    "reinit_weights",
     "output_dir",
     "sequence_len",
     "chat_template",

@@ -173,6 +173,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// Padding token id.
     pub pad_token_id: Option<u32>,
+    /// Standard deviation of the normal distribution fresh weights are drawn from.
+    pub initializer_range: f64,
     /// The parsed JSON, kept so that a saved model writes back what it read.
     pub raw: Map<String, Value>,
 }
@@ -400,6 +402,7 @@ impl ModelConfig {
             eos_token_ids: keys.token_ids("eos_token_id")?,
             bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
             pad_token_id: keys.token_ids("pad_token_id")?.first().copied(),
+            initializer_range: keys.f64_opt("initializer_range")?.unwrap_or(0.02),
             raw,
         })
     }

@@ -7,8 +7,6 @@ use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::ops;
-
 /// A weight: frozen (a plain tensor, outside the autograd graph) or trainable (a variable
 /// whose gradient `backward` computes).
 #[derive(Clone, Debug)]
@@ -244,7 +242,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalizes over the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::rms_norm(x, self.weight.tensor(), self.eps, self.one_plus_weight)
+        axl_kernels::rms_norm::rms_norm(x, self.weight.tensor(), self.eps, self.one_plus_weight)
     }
 
     /// Visits the weight.

@@ -4,6 +4,11 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
+use axl_kernels::attention::{causal_attention, CausalMask, Scores};
+use axl_kernels::glu::{gated, GateActivation};
+use axl_kernels::rope::rope;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
@@ -92,7 +97,7 @@ struct LayerKv {
 }
 
 impl LayerKv {
-    /// Writes `k`, `v` (`[batch, kv_heads, new, head_dim]`) after the first `len` positions and
+    /// Writes `k`, `v` (`[batch, new, kv_heads, head_dim]`) after the first `len` positions and
     /// returns views of all `len + new` positions.
     fn append(
         slot: &mut Option<Self>,
@@ -100,25 +105,25 @@ impl LayerKv {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (batch, heads, new, dim) = k.dims4()?;
+        let (batch, new, heads, dim) = k.dims4()?;
         let needed = len + new;
-        let capacity = slot.as_ref().map_or(0, |s| s.keys.dim(2).unwrap_or(0));
+        let capacity = slot.as_ref().map_or(0, |s| s.keys.dim(1).unwrap_or(0));
         if needed > capacity {
             let grown = needed.max(capacity * 2).max(64);
-            let keys = Tensor::zeros((batch, heads, grown, dim), k.dtype(), k.device())?;
-            let values = Tensor::zeros((batch, heads, grown, dim), v.dtype(), v.device())?;
+            let keys = Tensor::zeros((batch, grown, heads, dim), k.dtype(), k.device())?;
+            let values = Tensor::zeros((batch, grown, heads, dim), v.dtype(), v.device())?;
             if let Some(old) = slot.as_ref() {
-                keys.slice_set(&old.keys.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                values.slice_set(&old.values.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                keys.slice_set(&old.keys.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                values.slice_set(&old.values.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
             }
             *slot = Some(Self { keys, values });
         }
         let buffers = slot.as_ref().expect("allocated above");
-        buffers.keys.slice_set(&k.contiguous()?, 2, len)?;
-        buffers.values.slice_set(&v.contiguous()?, 2, len)?;
+        buffers.keys.slice_set(&k.contiguous()?, 1, len)?;
+        buffers.values.slice_set(&v.contiguous()?, 1, len)?;
         Ok((
-            buffers.keys.narrow(2, 0, needed)?,
-            buffers.values.narrow(2, 0, needed)?,
+            buffers.keys.narrow(1, 0, needed)?,
+            buffers.values.narrow(1, 0, needed)?,
         ))
     }
 }
@@ -175,12 +180,12 @@ impl PackedLayout {
 }
 
 /// What attention needs to know about the positions of one forward pass: rotary tables and
-/// the additive mask of the layer's attention kind.
+/// the mask of the layer's attention kind.
 #[derive(Clone, Copy)]
 struct Positions<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
-    mask: &'a Tensor,
+    mask: &'a Arc<CausalMask>,
 }
 
 /// A causal language model.
@@ -204,12 +209,68 @@ pub struct CausalLm {
 
 struct Loader<'a> {
     weights: &'a mut TensorSet,
+    fresh: Option<FreshWeights>,
     trainable: bool,
 }
 
+/// How transformers initializes a parameter of each kind.
+#[derive(Clone, Copy)]
+enum Init {
+    /// Linear and embedding weights: normal with `initializer_range` as standard deviation.
+    Normal,
+    /// Biases.
+    Zeros,
+    /// Norm weights: ones, or zeros where the norm multiplies by `1 + w` (gemma).
+    Norm,
+    /// The embedding: normal, with the padding token's row zero.
+    Embedding { padding_row: Option<usize> },
+}
+
+/// The source of randomly initialized weights (`reinit_weights`).
+struct FreshWeights {
+    rng: rand_chacha::ChaCha8Rng,
+    std: f32,
+    one_plus_norms: bool,
+    device: Device,
+}
+
+impl FreshWeights {
+    fn tensor(&mut self, shape: &[usize], init: Init) -> Result<Tensor> {
+        use rand::Rng;
+        let n: usize = shape.iter().product();
+        let mut values: Vec<f32> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Norm => vec![if self.one_plus_norms { 0.0 } else { 1.0 }; n],
+            Init::Normal | Init::Embedding { .. } => (0..n)
+                .map(|_| {
+                    // Box-Muller: two uniforms in (0, 1] give one standard normal value.
+                    let u1: f32 = 1.0 - self.rng.random::<f32>();
+                    let u2: f32 = self.rng.random::<f32>();
+                    self.std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                })
+                .collect(),
+        };
+        if let (
+            Init::Embedding {
+                padding_row: Some(row),
+            },
+            [rows, width],
+        ) = (init, shape)
+        {
+            if row < *rows {
+                values[row * width..(row + 1) * width].fill(0.0);
+            }
+        }
+        Ok(Tensor::from_vec(values, shape, &self.device)?)
+    }
+}
+
 impl Loader<'_> {
-    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
-        let t = self.weights.take(name, shape)?;
+    fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Param> {
+        let t = match &mut self.fresh {
+            Some(fresh) => fresh.tensor(shape, init)?,
+            None => self.weights.take(name, shape)?,
+        };
         self.wrap(t)
     }
 
@@ -222,9 +283,9 @@ impl Loader<'_> {
     }
 
     fn linear(&mut self, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = self.param(&format!("{path}.weight"), &[out, inp])?;
+        let weight = self.param(&format!("{path}.weight"), &[out, inp], Init::Normal)?;
         let bias = if bias {
-            Some(self.param(&format!("{path}.bias"), &[out])?)
+            Some(self.param(&format!("{path}.bias"), &[out], Init::Zeros)?)
         } else {
             None
         };
@@ -240,7 +301,7 @@ impl Loader<'_> {
     fn norm(&mut self, path: &str, dim: usize, config: &ModelConfig) -> Result<RmsNorm> {
         Ok(RmsNorm {
             path: path.to_string(),
-            weight: self.param(&format!("{path}.weight"), &[dim])?,
+            weight: self.param(&format!("{path}.weight"), &[dim], Init::Norm)?,
             eps: config.rms_norm_eps,
             one_plus_weight: config.gemma_norms,
         })
@@ -263,15 +324,47 @@ impl CausalLm {
         weights: &mut TensorSet,
         options: &LoadOptions,
     ) -> Result<Self> {
+        Self::build(config, weights, None, options)
+    }
+
+    /// A model with fresh weights, initialized as transformers initializes them: linear and
+    /// embedding weights normal with `initializer_range` as standard deviation, the padding
+    /// token's embedding row and biases zero, norm weights one (zero for `1 + w` norms).
+    /// The same seed gives the same weights.
+    pub fn random_init(config: ModelConfig, seed: u64, options: &LoadOptions) -> Result<Self> {
+        use rand::SeedableRng;
+        let fresh = FreshWeights {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            std: config.initializer_range as f32,
+            one_plus_norms: config.gemma_norms,
+            device: options.device.clone(),
+        };
+        let mut none = TensorSet::empty("<fresh weights>".into());
+        Self::build(config, &mut none, Some(fresh), options)
+    }
+
+    fn build(
+        config: ModelConfig,
+        weights: &mut TensorSet,
+        fresh: Option<FreshWeights>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let c = &config;
         let mut l = Loader {
             weights,
+            fresh,
             trainable: options.trainable,
         };
         let h = c.hidden_size;
         let q_out = c.num_attention_heads * c.head_dim;
         let kv_out = c.num_key_value_heads * c.head_dim;
-        let embed_weight = l.param("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_weight = l.param(
+            "model.embed_tokens.weight",
+            &[c.vocab_size, h],
+            Init::Embedding {
+                padding_row: c.pad_token_id.map(|id| id as usize),
+            },
+        )?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -416,10 +509,7 @@ impl CausalLm {
             }
         }
         let (cos, sin) = self.rotary.tables(past, len, &self.device)?;
-        let groups = self.config.gqa_groups();
-        let masks = self.layer_masks(&|window| {
-            ops::attention_mask(len, past, past + len, window, groups, &self.device)
-        })?;
+        let masks = self.layer_masks(&|window| CausalMask::causal(past, window));
         let hidden = self.run_layers(
             input_ids,
             &cos,
@@ -528,11 +618,8 @@ impl CausalLm {
     }
 
     /// One attention mask per layer, built once per kind of layer (full or sliding window).
-    fn layer_masks(
-        &self,
-        mask_for: &dyn Fn(Option<usize>) -> candle_core::Result<Tensor>,
-    ) -> Result<Vec<Tensor>> {
-        let mut built: Vec<(LayerAttention, Tensor)> = Vec::new();
+    fn layer_masks(&self, mask_for: &dyn Fn(Option<usize>) -> CausalMask) -> Vec<Arc<CausalMask>> {
+        let mut built: Vec<(LayerAttention, Arc<CausalMask>)> = Vec::new();
         let mut masks = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let kind = layer.self_attn.kind;
@@ -543,14 +630,14 @@ impl CausalLm {
                         LayerAttention::Full => None,
                         LayerAttention::Sliding { window } => Some(window),
                     };
-                    let m = mask_for(window)?;
+                    let m = Arc::new(mask_for(window));
                     built.push((kind, m.clone()));
                     m
                 }
             };
             masks.push(mask);
         }
-        Ok(masks)
+        masks
     }
 
     /// Rotary tables and per-layer masks for input without a cache: `len` positions from 0, or
@@ -559,8 +646,7 @@ impl CausalLm {
         &self,
         len: usize,
         layout: Option<&PackedLayout>,
-    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
-        let groups = self.config.gqa_groups();
+    ) -> Result<(Tensor, Tensor, Vec<Arc<CausalMask>>)> {
         let (cos, sin) = match layout {
             Some(l) => self
                 .rotary
@@ -568,15 +654,9 @@ impl CausalLm {
             None => self.rotary.tables(0, len, &self.device)?,
         };
         let masks = self.layer_masks(&|window| match layout {
-            Some(l) => ops::packed_attention_mask(
-                &l.position_ids,
-                &l.sequence_ids,
-                window,
-                groups,
-                &self.device,
-            ),
-            None => ops::attention_mask(len, 0, len, window, groups, &self.device),
-        })?;
+            Some(l) => CausalMask::packed(&l.sequence_ids, window),
+            None => CausalMask::causal(0, window),
+        });
         Ok((cos, sin, masks))
     }
 
@@ -585,7 +665,7 @@ impl CausalLm {
         input_ids: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        masks: &[Tensor],
+        masks: &[Arc<CausalMask>],
         mut cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let mut x = self.embed(input_ids)?;
@@ -644,52 +724,40 @@ impl CausalLm {
         let (batch, len, _) = x.dims3()?;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let dropout = self.dropout.as_ref();
-        let split = |t: Tensor, n: usize| t.reshape((batch, len, n, d))?.transpose(1, 2);
+        // Heads stay in the layout the projections produce, [batch, len, heads, head_dim].
+        let split = |t: Tensor, n: usize| t.reshape((batch, len, n, d));
         let mut q = split(attn.q_proj.forward(x, dropout)?, heads)?;
         let mut k = split(attn.k_proj.forward(x, dropout)?, kv_heads)?;
-        let mut v = split(attn.v_proj.forward(x, dropout)?, kv_heads)?.contiguous()?;
+        let mut v = split(attn.v_proj.forward(x, dropout)?, kv_heads)?;
         if let Some(n) = &attn.q_norm {
             q = n.forward(&q)?;
         }
         if let Some(n) = &attn.k_norm {
             k = n.forward(&k)?;
         }
-        let q = ops::apply_rotary(&q, cos, sin)?;
-        let mut k = ops::apply_rotary(&k, cos, sin)?;
+        let q = rope(&q, cos, sin)?;
+        let mut k = rope(&k, cos, sin)?;
         if let Some((slot, past)) = cache {
             (k, v) = LayerKv::append(slot, past, &k, &v)?;
         }
-        let kv_len = k.dim(2)?;
-        let groups = heads / kv_heads;
-        // Query heads that share a key/value head are folded into the rows of one matmul, so
-        // keys and values are never repeated.
-        let q = q
-            .contiguous()?
-            .reshape((batch, kv_heads, groups * len, d))?;
-        let mut scores = (q.matmul(&k.t()?)? * c.attention_scale)?;
-        if let Some(cap) = c.attn_logit_softcapping {
-            scores = ops::soft_cap(&scores, cap)?;
-        }
-        let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-        debug_assert_eq!(probs.dims(), &[batch, kv_heads, groups * len, kv_len]);
-        let out = probs
-            .matmul(&v)?
-            .reshape((batch, heads, len, d))?
-            .transpose(1, 2)?
-            .reshape((batch, len, heads * d))?;
+        let scores = Scores {
+            scale: c.attention_scale,
+            softcap: c.attn_logit_softcapping,
+        };
+        let out = causal_attention(&q, &k, &v, mask, scores)?.reshape((batch, len, heads * d))?;
         Ok(attn.o_proj.forward(&out, dropout)?)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
         let dropout = self.dropout.as_ref();
         let gate = mlp.gate_proj.forward(x, dropout)?;
-        let gate = match mlp.activation {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => ops::gelu_tanh(&gate)?,
-            Activation::GeluErf => gate.gelu_erf()?,
-        };
         let up = mlp.up_proj.forward(x, dropout)?;
-        Ok(mlp.down_proj.forward(&(gate * up)?, dropout)?)
+        let hidden = match mlp.activation {
+            Activation::Silu => gated(&gate, &up, GateActivation::Silu)?,
+            Activation::GeluTanh => gated(&gate, &up, GateActivation::GeluTanh)?,
+            Activation::GeluErf => (gate.gelu_erf()? * up)?,
+        };
+        Ok(mlp.down_proj.forward(&hidden, dropout)?)
     }
 
     /// Every linear layer, with its module path.

@@ -1,0 +1,251 @@
+//! Each fused op against its reference composition of candle primitives: values and the
+//! gradients of every input, over many shapes (odd sizes, one token, grouped heads, packed
+//! rows, windows, soft caps).
+
+use std::sync::Arc;
+
+use axl_kernels::attention::{self, CausalMask, Scores};
+use axl_kernels::cross_entropy::{self, IGNORE_INDEX};
+use axl_kernels::glu::{self, GateActivation};
+use axl_kernels::{rms_norm, rope};
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0.0, f32::max)
+}
+
+/// Runs `op` with fused and reference implementations on the same inputs, and checks the
+/// outputs and the gradients of `Σ out · w` for a random `w` against each other.
+fn compare(
+    what: &str,
+    inputs: &[Tensor],
+    fused: &dyn Fn(&[Tensor]) -> Tensor,
+    reference: &dyn Fn(&[Tensor]) -> Tensor,
+    tolerance: f32,
+) {
+    let mut results = Vec::new();
+    for f in [fused, reference] {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&tensors);
+        let weights = random(&mut ChaCha8Rng::seed_from_u64(11), out.dims(), 1.0);
+        let grads = (&out * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads: Vec<Tensor> = vars
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .expect("a gradient for every input")
+                    .clone()
+            })
+            .collect();
+        results.push((out, grads));
+    }
+    let ((out, grads), (ref_out, ref_grads)) = (&results[0], &results[1]);
+    let diff = max_rel_diff(out, ref_out);
+    assert!(diff < tolerance, "{what}: output differs by {diff}");
+    for (i, (g, r)) in grads.iter().zip(ref_grads).enumerate() {
+        let diff = max_rel_diff(g, r);
+        assert!(
+            diff < tolerance,
+            "{what}: gradient of input {i} differs by {diff}"
+        );
+    }
+}
+
+#[test]
+fn attention_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    // (batch, len, heads, kv_heads, head_dim, window, softcap, packed)
+    let cases = [
+        (1, 1, 1, 1, 4, None, None, false),
+        (2, 7, 4, 2, 8, None, None, false),
+        (1, 65, 3, 1, 16, None, None, false),
+        (2, 130, 6, 2, 32, None, None, true),
+        (1, 100, 4, 4, 8, Some(17), None, false),
+        (2, 70, 2, 1, 8, Some(9), Some(5.0), true),
+        (1, 129, 9, 3, 64, None, Some(50.0), false),
+    ];
+    for (batch, len, heads, kv_heads, dim, window, softcap, packed) in cases {
+        let q = random(&mut rng, &[batch, len, heads, dim], 1.5);
+        let k = random(&mut rng, &[batch, len, kv_heads, dim], 1.5);
+        let v = random(&mut rng, &[batch, len, kv_heads, dim], 1.0);
+        let mask = if packed {
+            let ids: Vec<Vec<usize>> = (0..batch)
+                .map(|b| {
+                    let mut id = 0;
+                    (0..len)
+                        .map(|i| {
+                            if i > 0 && (i * (b + 3)) % 23 == 0 {
+                                id += 1;
+                            }
+                            id
+                        })
+                        .collect()
+                })
+                .collect();
+            CausalMask::packed(&ids, window)
+        } else {
+            CausalMask::causal(0, window)
+        };
+        let mask = Arc::new(mask);
+        let scores = Scores {
+            scale: 1.0 / (dim as f64).sqrt(),
+            softcap,
+        };
+        let what = format!("attention {batch}x{len} heads {heads}/{kv_heads} dim {dim} window {window:?} softcap {softcap:?} packed {packed}");
+        compare(
+            &what,
+            &[q, k, v],
+            &|t| attention::causal_attention(&t[0], &t[1], &t[2], &mask, scores).unwrap(),
+            &|t| attention::reference(&t[0], &t[1], &t[2], &mask, scores).unwrap(),
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn attention_with_past_keys_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (past, len, heads, kv_heads, dim) = (37, 5, 4, 2, 8);
+    let q = random(&mut rng, &[1, len, heads, dim], 1.0);
+    let k = random(&mut rng, &[1, past + len, kv_heads, dim], 1.0);
+    let v = random(&mut rng, &[1, past + len, kv_heads, dim], 1.0);
+    for window in [None, Some(8)] {
+        let mask = Arc::new(CausalMask::causal(past, window));
+        let scores = Scores {
+            scale: 0.3,
+            softcap: None,
+        };
+        compare(
+            "attention over a cache",
+            &[q.clone(), k.clone(), v.clone()],
+            &|t| attention::causal_attention(&t[0], &t[1], &t[2], &mask, scores).unwrap(),
+            &|t| attention::reference(&t[0], &t[1], &t[2], &mask, scores).unwrap(),
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for (shape, one_plus) in [
+        (vec![1, 1, 8], false),
+        (vec![3, 17, 33], false),
+        (vec![2, 50, 576], true),
+        (vec![4, 7, 2, 64], false),
+    ] {
+        let x = random(&mut rng, &shape, 2.0);
+        let w = random(&mut rng, &[*shape.last().unwrap()], 1.0);
+        compare(
+            &format!("rms_norm {shape:?} one_plus {one_plus}"),
+            &[x, w],
+            &|t| rms_norm::rms_norm(&t[0], &t[1], 1e-6, one_plus).unwrap(),
+            &|t| rms_norm::reference(&t[0], &t[1], 1e-6, one_plus).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn gated_activations_match_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for activation in [GateActivation::Silu, GateActivation::GeluTanh] {
+        for shape in [vec![1, 1, 3], vec![2, 33, 1536], vec![5, 4097]] {
+            let gate = random(&mut rng, &shape, 6.0);
+            let up = random(&mut rng, &shape, 2.0);
+            compare(
+                &format!("glu {activation:?} {shape:?}"),
+                &[gate, up],
+                &|t| glu::gated(&t[0], &t[1], activation).unwrap(),
+                &|t| glu::reference(&t[0], &t[1], activation).unwrap(),
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (batch, len, heads, dim, per_row) in [
+        (1, 1, 1, 2, false),
+        (2, 9, 3, 16, false),
+        (3, 31, 4, 64, true),
+    ] {
+        let x = random(&mut rng, &[batch, len, heads, dim], 2.0);
+        let table: &[usize] = if per_row {
+            &[batch, len, dim]
+        } else {
+            &[len, dim]
+        };
+        let angles = random(&mut rng, table, 3.0);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        compare(
+            &format!("rope {batch}x{len} heads {heads} dim {dim} per_row {per_row}"),
+            &[x],
+            &|t| rope::rope(&t[0], &cos, &sin).unwrap(),
+            &|t| rope::reference(&t[0], &cos, &sin).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn cross_entropy_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for (rows, vocab) in [(1, 1), (3, 5), (67, 1000), (9, 49152)] {
+        let logits = random(&mut rng, &[rows, vocab], 8.0);
+        let targets: Vec<i64> = (0..rows)
+            .map(|r| {
+                if r % 4 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    rng.random_range(0..vocab as i64)
+                }
+            })
+            .collect();
+        compare(
+            &format!("cross_entropy {rows}x{vocab}"),
+            &[logits],
+            &|t| cross_entropy::cross_entropy_sum(&t[0], &targets).unwrap(),
+            &|t| cross_entropy::reference(&t[0], &targets).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn cross_entropy_rejects_labels_outside_the_vocabulary() {
+    let logits = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = cross_entropy::cross_entropy_sum(&logits, &[1, 4]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("label 4 is outside the vocabulary of 4"),
+        "{err}"
+    );
+}
