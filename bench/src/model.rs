@@ -1,9 +1,11 @@
-//! Model-runtime benchmark: forward and forward+backward tokens/s, and KV-cache generation
-//! tokens/s, for a randomly initialized model of a given Hugging Face shape.
+//! Model-runtime and trainer benchmark: forward tokens/s, KV-cache generation tokens/s, and
+//! training steps (forward, backward, clipping, AdamW) of a randomly initialized model of a
+//! given shape, each with the process's peak resident memory.
 //!
-//! `axl-bench-model MODE [--seq N] [--steps N] [--new-tokens N]`, MODE one of `forward`,
-//! `train-full`, `train-lora`, `generate`. Prints one JSON line with the measurements and the
-//! process's peak resident memory. `bench/model_runtime.sh` runs it beside the transformers peer.
+//! `axl-bench-model forward|generate [--seq N] [--steps N] [--new-tokens N]` (SmolLM2-135M
+//! shape), and `axl-bench-model train --shape tiny|smol --mode full|lora [--seq N]
+//! [--steps N] [--gradient-checkpointing]`. Prints one JSON line. `bench/model_runtime.sh`
+//! and `bench/train.sh` run it beside their Python peers.
 
 use std::time::Instant;
 
@@ -11,11 +13,13 @@ use std::time::Instant;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context};
+use axl::data::packing::Batch;
 use axl::model::generate::Decoder;
 use axl::model::hf_config::ModelConfig;
 use axl::model::lora::{self, LoraSettings, TargetModules};
-use axl::model::safetensors_io::TensorSet;
-use axl::model::{ops, CausalLm, LoadOptions};
+use axl::model::{CausalLm, LoadOptions};
+use axl::train::optimizer::{Optimizer, OptimizerKind, OptimizerSettings};
+use axl::train::step;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -29,61 +33,94 @@ const SMOLLM2_135M: &str = r#"{
   "tie_word_embeddings": true, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 0
 }"#;
 
+/// The "tiny" shape of the trainer benchmark (untied, as the peer's).
+const TINY: &str = r#"{
+  "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+  "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+  "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192,
+  "max_position_embeddings": 4096, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+  "tie_word_embeddings": false, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2
+}"#;
+
 fn random_model(config_json: &str, trainable: bool) -> anyhow::Result<CausalLm> {
     let config = ModelConfig::from_json_str(config_json, std::path::Path::new("<bench config>"))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut tensors = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, norm: bool| -> anyhow::Result<()> {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                if norm {
-                    1.0
-                } else {
-                    rng.random_range(-0.02f32..0.02)
-                }
-            })
-            .collect();
-        tensors.push((name, Tensor::from_vec(values, shape, &Device::Cpu)?));
-        Ok(())
-    };
-    let (h, i) = (config.hidden_size, config.intermediate_size);
-    let (q, kv) = (
-        config.num_attention_heads * config.head_dim,
-        config.num_key_value_heads * config.head_dim,
-    );
-    add(
-        "model.embed_tokens.weight".into(),
-        vec![config.vocab_size, h],
-        false,
-    )?;
-    for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        for (n, shape) in [
-            ("self_attn.q_proj", vec![q, h]),
-            ("self_attn.k_proj", vec![kv, h]),
-            ("self_attn.v_proj", vec![kv, h]),
-            ("self_attn.o_proj", vec![h, q]),
-            ("mlp.gate_proj", vec![i, h]),
-            ("mlp.up_proj", vec![i, h]),
-            ("mlp.down_proj", vec![h, i]),
-        ] {
-            add(format!("{p}.{n}.weight"), shape, false)?;
-        }
-        add(format!("{p}.input_layernorm.weight"), vec![h], true)?;
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            true,
-        )?;
-    }
-    add("model.norm.weight".into(), vec![h], true)?;
-    let mut set = TensorSet::from_tensors("<random weights>".into(), tensors)?;
     let options = LoadOptions {
         trainable,
         ..LoadOptions::default()
     };
-    Ok(CausalLm::from_weights(config, &mut set, &options)?)
+    Ok(CausalLm::random_init(config, 0, &options)?)
+}
+
+/// Training steps as `axl train` runs them: one micro-batch of random tokens, forward and
+/// backward, clipping to norm 1, AdamW at 1e-4 (the peer's loop).
+fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json::Value> {
+    let value = |name: &str| -> anyhow::Result<String> {
+        let i = args
+            .iter()
+            .position(|a| a == name)
+            .with_context(|| format!("train needs {name}"))?;
+        Ok(args.get(i + 1).context("missing value")?.clone())
+    };
+    let (shape, mode) = (value("--shape")?, value("--mode")?);
+    let (config, batch) = match shape.as_str() {
+        "tiny" => (TINY, 2),
+        "smol" => (SMOLLM2_135M, 1),
+        other => bail!("unknown shape {other} (tiny, smol)"),
+    };
+    let full = match mode.as_str() {
+        "full" => true,
+        "lora" => false,
+        other => bail!("unknown mode {other} (full, lora)"),
+    };
+    let mut model = random_model(config, full)?;
+    if !full {
+        let settings = LoraSettings {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target: TargetModules::AllLinear,
+            modules_to_save: vec![],
+            use_rslora: false,
+            layers_to_transform: None,
+        };
+        lora::attach_new(&mut model, &settings, 0)?;
+    }
+    let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
+    let vocab = model.config.vocab_size as u32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let rows: Vec<Vec<u32>> = (0..batch)
+        .map(|_| (0..seq).map(|_| rng.random_range(0..vocab)).collect())
+        .collect();
+    let batches = vec![Batch {
+        labels: rows
+            .iter()
+            .map(|r| r.iter().map(|&t| t as i64).collect())
+            .collect(),
+        input_ids: rows,
+        layout: None,
+    }];
+    let params = model.trainable_params();
+    let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut optimizer = Optimizer::new(OptimizerSettings {
+        kind: OptimizerKind::AdamW,
+        beta1: 0.9,
+        beta2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.0,
+    });
+    let mut last_loss = f64::NAN;
+    let secs = seconds_per_step(steps, || {
+        let (mut grads, outcome) = step::accumulate(&model, &params, &batches, checkpointing)?;
+        grads.clip(outcome.grad_norm, 1.0)?;
+        step::apply(&mut optimizer, &params, &grads, 1e-4)?;
+        last_loss = outcome.loss;
+        Ok(())
+    })?;
+    Ok(json!({
+        "shape": shape, "mode": mode, "bf16": false, "gradient_checkpointing": checkpointing,
+        "batch": batch, "seq": seq, "steps": steps, "trainable_params": trainable,
+        "tokens_per_s": (batch * seq) as f64 / secs, "step_s": secs, "last_loss": last_loss,
+    }))
 }
 
 fn peak_rss_mib() -> f64 {
@@ -129,14 +166,13 @@ fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
 fn main() -> anyhow::Result<()> {
     axl::allocator::tune_for_tensors();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = args.first().context("usage: axl-bench-model forward|train-full|train-lora|generate [--seq N] [--steps N] [--new-tokens N] [--gradient-checkpointing]")?.clone();
+    let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--gradient-checkpointing]")?.clone();
     let seq = arg(&args, "--seq", 512)?;
     let steps = arg(&args, "--steps", 3)?;
     let new_tokens = arg(&args, "--new-tokens", 256)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let ids: Vec<u32> = (0..seq).map(|_| rng.random_range(0..49152u32)).collect();
     let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-    let labels = input.to_dtype(candle_core::DType::I64)?;
     let result = match mode.as_str() {
         "forward" => {
             let model = random_model(SMOLLM2_135M, false)?;
@@ -146,40 +182,7 @@ fn main() -> anyhow::Result<()> {
             })?;
             json!({"mode": mode, "seq": seq, "tokens_per_s": seq as f64 / secs, "step_s": secs})
         }
-        "train-full" | "train-lora" => {
-            let mut model = random_model(SMOLLM2_135M, mode == "train-full")?;
-            if mode == "train-lora" {
-                let settings = LoraSettings {
-                    r: 16,
-                    alpha: 32.0,
-                    dropout: 0.0,
-                    target: TargetModules::AllLinear,
-                    modules_to_save: vec![],
-                    use_rslora: false,
-                    layers_to_transform: None,
-                };
-                lora::attach_new(&mut model, &settings, 0)?;
-            }
-            let vars = model.trainable_params();
-            let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
-            let secs = seconds_per_step(steps, || {
-                let grads = if checkpointing {
-                    model
-                        .checkpointed_loss_and_grads(&input, None, &labels, 1.0 / seq as f64)?
-                        .2
-                } else {
-                    let logits = model.forward(&input, None)?;
-                    ops::causal_lm_loss(&logits, &labels)?.mean()?.backward()?
-                };
-                for (name, var) in &vars {
-                    if grads.get(var).is_none() {
-                        bail!("no gradient for {name}");
-                    }
-                }
-                Ok(())
-            })?;
-            json!({"mode": mode, "seq": seq, "gradient_checkpointing": checkpointing, "tokens_per_s": seq as f64 / secs, "step_s": secs})
-        }
+        "train" => train(&args, seq, steps)?,
         "generate" => {
             let model = random_model(SMOLLM2_135M, false)?;
             let prompt = &ids[..16.min(ids.len())];

@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod glu;
+pub mod inplace;
 pub mod rms_norm;
 pub mod rope;
 

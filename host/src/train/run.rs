@@ -291,7 +291,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
             let lr = schedule.lr(step_number);
             let (mut grads, outcome) =
                 step::accumulate(model, &params, group, settings.gradient_checkpointing)?;
-            grads.clip(outcome.grad_norm, settings.max_grad_norm);
+            grads.clip(outcome.grad_norm, settings.max_grad_norm)?;
             step::apply(&mut optimizer, &params, &grads, lr)?;
             progress.global_step += 1;
             progress.epoch = epoch as f64 + (index + 1) as f64 / per_epoch as f64;

@@ -5,6 +5,8 @@
 
 use candle_core::{Tensor, Var};
 
+use axl_kernels::inplace;
+
 use crate::data::packing::Batch;
 use crate::model::ops::causal_lm_loss;
 use crate::model::{CausalLm, Result};
@@ -37,43 +39,57 @@ fn batch_loss(model: &CausalLm, batch: &Batch) -> Result<(Tensor, usize)> {
     Ok((loss.sum, loss.count))
 }
 
-/// Gradients of a step, summed over its micro-batches, in the order of the parameters.
+/// Gradients of a step, summed over its micro-batches, in the order of the parameters; `None`
+/// where no gradient reached a parameter (zero).
 pub struct Gradients {
-    /// One flat buffer per trainable parameter.
-    pub values: Vec<Vec<f32>>,
+    /// One contiguous f32 tensor per trainable parameter, or `None` for zero.
+    pub values: Vec<Option<Tensor>>,
 }
 
 impl Gradients {
     /// The global L2 norm.
-    pub fn norm(&self) -> f64 {
-        self.values
-            .iter()
-            .flat_map(|g| g.iter())
-            .map(|x| (*x as f64) * (*x as f64))
-            .sum::<f64>()
-            .sqrt()
+    pub fn norm(&self) -> Result<f64> {
+        let mut sum = 0f64;
+        for g in self.values.iter().flatten() {
+            inplace::update(g, |g| {
+                sum += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            })?;
+        }
+        Ok(sum.sqrt())
     }
 
     /// Scales every gradient so the global norm is at most `max_norm` (as
     /// `torch.nn.utils.clip_grad_norm_`: by `max_norm / (norm + 1e-6)` when below 1).
-    pub fn clip(&mut self, norm: f64, max_norm: f64) {
+    pub fn clip(&mut self, norm: f64, max_norm: f64) -> Result<()> {
         if max_norm <= 0.0 {
-            return;
+            return Ok(());
         }
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             let coef = coef as f32;
-            for g in &mut self.values {
-                for x in g.iter_mut() {
-                    *x *= coef;
-                }
+            for g in self.values.iter().flatten() {
+                inplace::update(g, |g| g.iter_mut().for_each(|x| *x *= coef))?;
             }
         }
+        Ok(())
+    }
+
+    /// The gradients as flat vectors (zeros where none reached a parameter).
+    pub fn to_vecs(&self, params: &[(String, Var)]) -> Result<Vec<Vec<f32>>> {
+        self.values
+            .iter()
+            .zip(params)
+            .map(|(g, (_, var))| match g {
+                Some(g) => Ok(g.flatten_all()?.to_vec1::<f32>()?),
+                None => Ok(vec![0f32; var.as_tensor().elem_count()]),
+            })
+            .collect()
     }
 }
 
 /// Forward and backward over `batches` (with activation checkpointing when `checkpointing`);
-/// returns the summed gradients and the step's loss.
+/// returns the summed gradients and the step's loss. The first micro-batch's gradients are
+/// kept as they are; later ones are added into them in place.
 pub fn accumulate(
     model: &CausalLm,
     params: &[(String, Var)],
@@ -85,13 +101,10 @@ pub fn accumulate(
         .iter()
         .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
         .sum();
-    let mut values: Vec<Vec<f32>> = params
-        .iter()
-        .map(|(_, v)| vec![0f32; v.as_tensor().elem_count()])
-        .collect();
+    let mut values: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0f64;
     for batch in batches {
-        let grads = if checkpointing {
+        let mut grads = if checkpointing {
             let (ids, labels) = batch.tensors(model.device())?;
             let (sum, count, grads) = model.checkpointed_loss_and_grads(
                 &ids,
@@ -113,11 +126,14 @@ pub fn accumulate(
             (sum / trained_tokens as f64)?.backward()?
         };
         for ((_, var), acc) in params.iter().zip(&mut values) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.flatten_all()?.to_vec1::<f32>()?;
-                for (a, x) in acc.iter_mut().zip(g) {
-                    *a += x;
-                }
+            let Some(g) = grads.remove(var.as_tensor()) else {
+                continue;
+            };
+            match acc {
+                Some(acc) => inplace::update_with(acc, &g.contiguous()?, |acc, g| {
+                    acc.iter_mut().zip(g).for_each(|(a, x)| *a += x)
+                })?,
+                None => *acc = Some(g.contiguous()?),
             }
         }
     }
@@ -128,14 +144,14 @@ pub fn accumulate(
         } else {
             loss_sum / trained_tokens as f64
         },
-        grad_norm: gradients.norm(),
+        grad_norm: gradients.norm()?,
         trained_tokens,
         tokens,
     };
     Ok((gradients, outcome))
 }
 
-/// Applies one optimizer update to every trainable parameter.
+/// Applies one optimizer update to every trainable parameter, in place.
 pub fn apply(
     optimizer: &mut Optimizer,
     params: &[(String, Var)],
@@ -144,10 +160,17 @@ pub fn apply(
 ) -> Result<()> {
     optimizer.begin_step();
     for ((name, var), grad) in params.iter().zip(&gradients.values) {
-        let shape = var.as_tensor().dims().to_vec();
-        let mut values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-        optimizer.update(name, &shape, &mut values, grad, lr);
-        var.set(&Tensor::from_vec(values, shape, var.as_tensor().device())?)?;
+        let param = var.as_tensor();
+        let shape = param.dims().to_vec();
+        let zeros;
+        let grad = match grad {
+            Some(g) => g,
+            None => {
+                zeros = Tensor::zeros(param.shape(), param.dtype(), param.device())?;
+                &zeros
+            }
+        };
+        inplace::update_with(param, grad, |p, g| optimizer.update(name, &shape, p, g, lr))?;
     }
     Ok(())
 }

@@ -195,7 +195,7 @@ fn loss_and_gradients_do_not_depend_on_the_accumulation_split() {
                 let settings = TrainSettings::from_config(&config).unwrap();
                 let batches = micro_batches(&refs, &settings, packing, 0);
                 let (grads, outcome) = accumulate(&model, &params, &batches, false).unwrap();
-                results.push((mbs, accumulation, outcome, grads.values));
+                results.push((mbs, accumulation, outcome, grads.to_vecs(&params).unwrap()));
             }
             let (_, _, first, first_grads) = &results[0];
             for (mbs, accumulation, outcome, grads) in &results[1..] {
@@ -599,12 +599,11 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
                 (a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm,
                 "{what}"
             );
-            for (g, h) in plain
-                .values
-                .iter()
-                .flatten()
-                .zip(checkpointed.values.iter().flatten())
-            {
+            let (plain, checkpointed) = (
+                plain.to_vecs(&params).unwrap(),
+                checkpointed.to_vecs(&params).unwrap(),
+            );
+            for (g, h) in plain.iter().flatten().zip(checkpointed.iter().flatten()) {
                 assert!(
                     (g - h).abs() <= 1e-5 * (1.0 + g.abs()),
                     "{what}: {g} vs {h}"
