@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the model-runtime benchmark for axl and, when a Python with torch and transformers is
+# Runs the model-runtime benchmark (forward pass and KV-cache generation; training is
+# bench/train.sh) for axl and, when a Python with torch and transformers is
 # given as PEER_PYTHON, for transformers in the same run, and prints the axl/peer ratios.
 #
 #   bash bench/model_runtime.sh                      # axl only
@@ -14,7 +15,7 @@ STEPS=${STEPS:-3}
 NEW_TOKENS=${NEW_TOKENS:-256}
 cargo build --release --locked -p axl-bench >&2
 results=$(mktemp)
-for mode in forward train-full train-lora generate; do
+for mode in forward generate; do
   axl=$(target/release/axl-bench-model "$mode" --steps "$STEPS" --new-tokens "$NEW_TOKENS")
   echo "axl  $axl"
   if [ -n "${PEER_PYTHON:-}" ]; then

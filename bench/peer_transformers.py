@@ -3,8 +3,8 @@
 
     python bench/peer_transformers.py MODE [--seq N] [--steps N] [--new-tokens N]
 
-Prints one JSON line like axl-bench-model. Needs torch and transformers (and peft for
-train-lora), installed by hand from PyPI.
+MODE is `forward` or `generate` (training is bench/peer_train.py). Prints one JSON line like
+axl-bench-model. Needs torch and transformers, installed by hand from PyPI.
 """
 
 import argparse
@@ -42,22 +42,6 @@ def main():
             start = time.perf_counter()
             for _ in range(a.steps):
                 model(input_ids=ids)
-        step = (time.perf_counter() - start) / a.steps
-        out.update(seq=a.seq, tokens_per_s=a.seq / step, step_s=step)
-    elif a.mode in ("train-full", "train-lora"):
-        model.train()
-        if a.mode == "train-lora":
-            import peft
-            model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-
-        def run():
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
-
-        run()
-        start = time.perf_counter()
-        for _ in range(a.steps):
-            run()
         step = (time.perf_counter() - start) / a.steps
         out.update(seq=a.seq, tokens_per_s=a.seq / step, step_s=step)
     elif a.mode == "generate":
