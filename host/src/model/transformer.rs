@@ -440,7 +440,7 @@ impl CausalLm {
                 saved_with_adapter: false,
             }
         } else {
-            if !l.weights.contains("lm_head.weight") {
+            if l.fresh.is_none() && !l.weights.contains("lm_head.weight") {
                 return Err(ModelError::tensor(
                     &l.weights.source,
                     "lm_head.weight",

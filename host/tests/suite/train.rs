@@ -652,9 +652,14 @@ fn reinit_weights_starts_from_seeded_fresh_weights() {
         pad_row.iter().all(|&v| v == 0.0),
         "pad_token_id 0 has a zero embedding"
     );
-    let again = CausalLm::random_init(config, 42, &LoadOptions::default()).unwrap();
+    let again = CausalLm::random_init(config.clone(), 42, &LoadOptions::default()).unwrap();
     let same = again.named_params()[3].1.tensor().clone();
     assert_eq!(max_abs_diff(&same, model.named_params()[3].1.tensor()), 0.0);
+
+    let mut untied = config;
+    untied.tie_word_embeddings = false;
+    let untied = CausalLm::random_init(untied, 1, &LoadOptions::default()).unwrap();
+    assert!(untied.named_params().iter().any(|(n, _)| n == "lm_head.weight"));
 
     let dir = tempfile::tempdir().unwrap();
     let config = training_config(dir.path(), "reinit_weights: true\nmax_steps: 2\nseed: 3\n");
