@@ -6,6 +6,7 @@ mod chat_templates;
 mod cli;
 mod common;
 pub mod data;
+mod examples;
 mod generation;
 mod hub_download;
 mod lora;

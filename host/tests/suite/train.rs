@@ -659,7 +659,10 @@ fn reinit_weights_starts_from_seeded_fresh_weights() {
     let mut untied = config;
     untied.tie_word_embeddings = false;
     let untied = CausalLm::random_init(untied, 1, &LoadOptions::default()).unwrap();
-    assert!(untied.named_params().iter().any(|(n, _)| n == "lm_head.weight"));
+    assert!(untied
+        .named_params()
+        .iter()
+        .any(|(n, _)| n == "lm_head.weight"));
 
     let dir = tempfile::tempdir().unwrap();
     let config = training_config(dir.path(), "reinit_weights: true\nmax_steps: 2\nseed: 3\n");
