@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32, matmul, tensor, with_slices, Mat, SharedMut};
+use crate::cpu::{contiguous_f32, exp_shifted_sum, matmul, tensor, with_slices, Mat, SharedMut};
 
 /// Queries per block: the scores of one block are `BLOCK × keys` floats.
 const BLOCK: usize = 64;
@@ -313,12 +313,7 @@ impl FusedAttention {
             let (lo, hi) = (lo - first, hi.min(last) - first);
             let visible = &mut row[lo..=hi];
             let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in visible.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / exp_shifted_sum(visible, max);
             for s in visible.iter_mut() {
                 *s *= inv;
             }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32, tensor, with_slices};
+use crate::cpu::{contiguous_f32, exp, sum_exp_shifted, tensor, with_slices};
 
 /// The target id of a row that is not counted (transformers' `-100`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -72,8 +72,7 @@ struct FusedCrossEntropy {
 
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-    max + sum.ln()
+    max + sum_exp_shifted(row, max).ln()
 }
 
 impl CustomOp1 for FusedCrossEntropy {
@@ -117,7 +116,7 @@ impl CustomOp1 for FusedCrossEntropy {
                         return;
                     }
                     for (d, &x) in d.iter_mut().zip(x) {
-                        *d = scale * (x - lse[r]).exp();
+                        *d = scale * exp(x - lse[r]);
                     }
                     d[target as usize] -= scale;
                 });
