@@ -155,6 +155,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5·2²³ rounds to the nearest integer, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
+    // max/min rather than clamp: clamp's NaN handling keeps the loop from vectorizing.
+    #[allow(clippy::manual_clamp)]
     let clamped = x.max(-87.0).min(88.0);
     let shifted = clamped * LOG2E + ROUND;
     let n = shifted - ROUND;
