@@ -165,6 +165,7 @@ fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
 
 fn main() -> anyhow::Result<()> {
     axl::allocator::tune_for_tensors();
+    axl::threads::no_idle_spinning();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--gradient-checkpointing]")?.clone();
     let seq = arg(&args, "--seq", 512)?;

@@ -11,4 +11,5 @@ pub mod data;
 pub mod fsio;
 pub mod model;
 pub mod setup;
+pub mod threads;
 pub mod train;

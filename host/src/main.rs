@@ -10,6 +10,7 @@ fn main() -> std::process::ExitCode {
     let cli = axl::cli::Cli::parse();
     if cli.command.runs_a_model() {
         axl::allocator::tune_for_tensors();
+        axl::threads::no_idle_spinning();
     }
     match axl::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
