@@ -105,6 +105,58 @@ pub(crate) unsafe fn matmul(
     b: Mat,
     scale: f32,
 ) {
+    matmul_with(
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        accumulate,
+        a,
+        b,
+        scale,
+        gemm::Parallelism::None,
+    )
+}
+
+/// [`matmul`] on all of rayon's threads, for products large enough to split.
+///
+/// # Safety
+/// As for [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn par_matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    matmul_with(m, n, k, dst, dst_rs, accumulate, a, b, scale, parallelism)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -135,7 +187,7 @@ pub(crate) unsafe fn matmul(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     );
 }
 

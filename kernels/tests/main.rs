@@ -249,3 +249,35 @@ fn cross_entropy_rejects_labels_outside_the_vocabulary() {
         "{err}"
     );
 }
+
+#[test]
+fn lora_linear_matches_reference() {
+    use axl_kernels::lora_linear;
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for (rows, inp, out, rank, with_mask) in [
+        (1, 3, 2, 1, false),
+        (37, 64, 48, 8, true),
+        (130, 96, 200, 16, false),
+        (64, 128, 32, 4, true),
+    ] {
+        let x = random(&mut rng, &[rows, inp], 1.0);
+        let weight = random(&mut rng, &[out, inp], 0.2);
+        let a = random(&mut rng, &[rank, inp], 0.3);
+        let b = random(&mut rng, &[out, rank], 0.3);
+        let mask = with_mask.then(|| {
+            let keep: Vec<f32> = (0..rows * inp)
+                .map(|_| if rng.random_bool(0.8) { 1.25 } else { 0.0 })
+                .collect();
+            Tensor::from_vec(keep, (rows, inp), &Device::Cpu).unwrap()
+        });
+        compare(
+            &format!("lora_linear {rows}x{inp} -> {out}, rank {rank}, mask {with_mask}"),
+            &[x, a, b],
+            &|t| {
+                lora_linear::lora_linear(&t[0], &weight, &t[1], &t[2], 2.0, mask.as_ref()).unwrap()
+            },
+            &|t| lora_linear::reference(&t[0], &weight, &t[1], &t[2], 2.0, mask.as_ref()).unwrap(),
+            1e-5,
+        );
+    }
+}

@@ -152,6 +152,29 @@ impl Linear {
         let in_features = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let flat = x.reshape((rows, in_features))?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = self.out_features();
+        if let (Param::Frozen(w), Some(lora)) = (&self.weight, &self.lora) {
+            // A frozen base with an adapter: one fused op, no weight gradient.
+            let mask = match dropout {
+                Some(rng) if lora.dropout > 0.0 => {
+                    Some(rng.mask(flat.dims(), lora.dropout, flat.device())?)
+                }
+                _ => None,
+            };
+            let mut y = axl_kernels::lora_linear::lora_linear(
+                &flat,
+                w,
+                lora.a.tensor(),
+                lora.b.tensor(),
+                lora.scale,
+                mask.as_ref(),
+            )?;
+            if let Some(bias) = &self.bias {
+                y = y.broadcast_add(bias.tensor())?;
+            }
+            return y.reshape(out_dims);
+        }
         let mut y = match &self.weight {
             Param::Frozen(w) => super::frozen_linear::frozen_matmul(&flat, w)?,
             Param::Trainable(w) => flat.matmul(&w.as_tensor().t()?)?,
@@ -170,8 +193,6 @@ impl Linear {
             let delta = (low.matmul(&lora.b.tensor().t()?)? * lora.scale)?;
             y = (y + delta)?;
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty") = self.out_features();
         y.reshape(out_dims)
     }
 
