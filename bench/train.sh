@@ -8,26 +8,32 @@
 # autocast row for smol LoRA; with AXOLOTL (an Axolotl 0.21 `axolotl` executable) Axolotl itself
 # runs tiny LoRA (bench/axolotl_train.sh). Prints tokens/s and peak RSS with axl/peer ratios.
 #
-#   PEER_PYTHON=/venv/bin/python AXOLOTL=/venv/bin/axolotl STEPS=5 bash bench/train.sh
+#   PEER_PYTHON=/venv/bin/python AXOLOTL=/venv/bin/axolotl STEPS=4 REPEAT=3 bash bench/train.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 STEPS=${STEPS:-5}
 cargo build --release --locked -p axl-bench >&2
+REPEAT=${REPEAT:-3}
 results=$(mktemp)
+# One row: axl and the peer alternate REPEAT times (this machine's speed drifts over minutes),
+# and the table takes the median tokens/s and the largest peak RSS of each side. The tiny
+# rows run 5× STEPS steps, since their steps are short.
 row() { # shape mode [--bf16]
-  local axl peer="{}"
-  if [ "${3:-}" = "--bf16" ]; then
-    axl="{}"
-  else
-    axl=$(target/release/axl-bench-model train --shape "$1" --mode "$2" --steps "$STEPS")
-    echo "axl  $axl" >&2
-  fi
-  if [ -n "${PEER_PYTHON:-}" ]; then
-    peer=$("$PEER_PYTHON" bench/peer_train.py --shape "$1" --mode "$2" --steps "$STEPS" --threads 2 ${3:-} 2>/dev/null)
-    echo "peer $peer" >&2
-  fi
-  printf '%s\t%s\t%s\n' "$1 $2${3:+ bf16}" "$axl" "$peer" >> "$results"
+  local steps=$STEPS out
+  [ "$1" = tiny ] && steps=$((STEPS * 5))
+  for _ in $(seq "$REPEAT"); do
+    if [ "${3:-}" != "--bf16" ]; then
+      out=$(target/release/axl-bench-model train --shape "$1" --mode "$2" --steps "$steps")
+      echo "axl  $out" >&2
+      printf '%s\taxl\t%s\n' "$1 $2" "$out" >> "$results"
+    fi
+    if [ -n "${PEER_PYTHON:-}" ]; then
+      out=$("$PEER_PYTHON" bench/peer_train.py --shape "$1" --mode "$2" --steps "$steps" --threads 2 ${3:-} 2>/dev/null)
+      echo "peer $out" >&2
+      printf '%s\tpeer\t%s\n' "$1 $2${3:+ bf16}" "$out" >> "$results"
+    fi
+  done
 }
 row tiny full
 row tiny lora
@@ -35,18 +41,26 @@ row smol full
 row smol lora
 [ -n "${PEER_PYTHON:-}" ] && row smol lora --bf16
 if [ -n "${AXOLOTL:-}" ]; then
-  axolotl=$(STEPS="$STEPS" bash bench/axolotl_train.sh)
+  axolotl=$(STEPS=$((STEPS * 5)) bash bench/axolotl_train.sh)
   echo "axolotl $axolotl" >&2
-  printf '%s\t%s\t%s\n' "tiny lora (axolotl)" "{}" "$axolotl" >> "$results"
+  printf '%s\tpeer\t%s\n' "tiny lora (axolotl)" "$axolotl" >> "$results"
 fi
 python3 - "$results" <<'PY'
-import json, sys
-print("\nrow                   axl tok/s   peer tok/s   speed ratio   axl MiB   peer MiB   memory ratio")
+import json, statistics, sys
+rows = {}
 for line in open(sys.argv[1]):
-    name, a, p = line.rstrip("\n").split("\t")
-    a, p = json.loads(a), json.loads(p)
-    cell = lambda d, k, f: format(d[k], f) if k in d else "-"
-    ratio = lambda k: f"{a[k] / p[k]:.2f}x" if k in a and k in p else "-"
-    print(f"{name:<20} {cell(a, 'tokens_per_s', '.0f'):>10} {cell(p, 'tokens_per_s', '.0f'):>12} {ratio('tokens_per_s'):>13}"
-          f" {cell(a, 'peak_rss_mib', '.0f'):>9} {cell(p, 'peak_rss_mib', '.0f'):>10} {ratio('peak_rss_mib'):>14}")
+    name, side, data = line.rstrip("\n").split("\t")
+    rows.setdefault(name, {}).setdefault(side, []).append(json.loads(data))
+print("\nrow                   axl tok/s   peer tok/s   speed ratio   axl MiB   peer MiB   memory ratio")
+for name, sides in rows.items():
+    def summary(side):
+        runs = sides.get(side)
+        if not runs:
+            return None, None
+        return statistics.median(r["tokens_per_s"] for r in runs), max(r["peak_rss_mib"] for r in runs)
+    (a_tps, a_mib), (p_tps, p_mib) = summary("axl"), summary("peer")
+    cell = lambda v: "-" if v is None else f"{v:.0f}"
+    ratio = lambda a, p: "-" if a is None or p is None else f"{a / p:.2f}x"
+    print(f"{name:<20} {cell(a_tps):>10} {cell(p_tps):>12} {ratio(a_tps, p_tps):>13}"
+          f" {cell(a_mib):>9} {cell(p_mib):>10} {ratio(a_mib, p_mib):>14}")
 PY
