@@ -19,6 +19,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod glu;
 pub mod inplace;
+pub mod linear;
 pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;

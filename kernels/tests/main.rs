@@ -281,3 +281,20 @@ fn lora_linear_matches_reference() {
         );
     }
 }
+
+#[test]
+fn linear_matches_reference() {
+    use axl_kernels::linear;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for (rows, inp, out) in [(1, 1, 1), (3, 17, 5), (130, 64, 200), (512, 96, 33)] {
+        let x = random(&mut rng, &[rows, inp], 1.0);
+        let w = random(&mut rng, &[out, inp], 0.5);
+        compare(
+            &format!("linear {rows}x{inp} -> {out}"),
+            &[x, w],
+            &|t| linear::linear(&t[0], &t[1]).unwrap(),
+            &|t| linear::reference(&t[0], &t[1]).unwrap(),
+            1e-5,
+        );
+    }
+}

@@ -177,7 +177,7 @@ impl Linear {
         }
         let mut y = match &self.weight {
             Param::Frozen(w) => super::frozen_linear::frozen_matmul(&flat, w)?,
-            Param::Trainable(w) => flat.matmul(&w.as_tensor().t()?)?,
+            Param::Trainable(w) => axl_kernels::linear::linear(&flat, w.as_tensor())?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias.tensor())?;
