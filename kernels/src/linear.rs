@@ -1,23 +1,44 @@
-//! `x·Wᵀ` for a trained weight, as one op whose backward pass writes `∂W` straight in `W`'s
-//! own `[out, in]` layout. Composed as `x.matmul(W.t())`, candle computes `∂(Wᵀ)` and then
-//! transposes it into a strided tensor that must be copied before it can be used.
+//! `x·Wᵀ`, the product of a linear layer, in two forms:
+//! - for a trained weight, one op whose backward pass writes `∂W` straight in `W`'s own
+//!   `[out, in]` layout (composed as `x.matmul(W.t())`, candle computes `∂(Wᵀ)` and transposes
+//!   it into a strided tensor that must be copied before it can be used);
+//! - for a frozen weight, one op that holds the weight outside the graph and whose backward
+//!   computes only `∂x` (candle's matmul would also compute the weight's gradient: a wasted
+//!   GEMM and a weight-sized buffer per layer and step).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{contiguous_f32, par_matmul, tensor, with_slices, Mat};
 
-/// `x·Wᵀ` for `x` `[rows, in]` and `weight` `[out, in]`.
-pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
     let (_, inp) = x.dims2()?;
     let (_, w_in) = weight.dims2()?;
     if w_in != inp {
         candle_core::bail!("linear: input has {inp} features, weight expects {w_in}");
     }
+    Ok(())
+}
+
+/// `x·Wᵀ` for `x` `[rows, in]` and a trained `weight` `[out, in]`.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    check(x, weight)?;
     if !crate::fused_applies(&[x, weight]) {
         return reference(x, weight);
     }
     x.contiguous()?
-        .apply_op2(&weight.contiguous()?, FusedLinear)
+        .apply_op2(&weight.contiguous()?, TrainedLinear)
+}
+
+/// `x·Wᵀ` for `x` `[rows, in]` and a frozen `weight` `[out, in]`: the backward pass yields
+/// only `∂x`.
+pub fn frozen(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    check(x, weight)?;
+    if !crate::fused_applies(&[x, weight]) {
+        return reference(x, &weight.detach());
+    }
+    x.contiguous()?.apply_op1(FrozenLinear {
+        weight: weight.contiguous()?.detach(),
+    })
 }
 
 /// The same product composed of differentiable candle primitives.
@@ -25,9 +46,69 @@ pub fn reference(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     x.matmul(&weight.t()?)
 }
 
-struct FusedLinear;
+/// `x[rows, in] · Wᵀ`.
+fn product(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out];
+    // SAFETY: contiguous row-major operands of the sizes given; y is fresh.
+    unsafe {
+        par_matmul(
+            rows,
+            out,
+            inp,
+            y.as_mut_ptr(),
+            out,
+            false,
+            Mat::rows(x.as_ptr(), inp),
+            Mat::rows(w.as_ptr(), inp).t(),
+            1.0,
+        );
+    }
+    y
+}
 
-impl CustomOp2 for FusedLinear {
+/// `dy[rows, out] · W`, the gradient of the input.
+fn input_gradient(dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; rows * inp];
+    // SAFETY: contiguous row-major operands of the sizes given; dx is fresh.
+    unsafe {
+        par_matmul(
+            rows,
+            inp,
+            out,
+            dx.as_mut_ptr(),
+            inp,
+            false,
+            Mat::rows(dy.as_ptr(), out),
+            Mat::rows(w.as_ptr(), inp),
+            1.0,
+        );
+    }
+    dx
+}
+
+/// `dyᵀ · x`, the gradient of the weight, `[out, in]`.
+fn weight_gradient(dy: &[f32], x: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    let mut dw = vec![0f32; out * inp];
+    // SAFETY: contiguous row-major operands of the sizes given; dw is fresh.
+    unsafe {
+        par_matmul(
+            out,
+            inp,
+            rows,
+            dw.as_mut_ptr(),
+            inp,
+            false,
+            Mat::rows(dy.as_ptr(), out).t(),
+            Mat::rows(x.as_ptr(), inp),
+            1.0,
+        );
+    }
+    dw
+}
+
+struct TrainedLinear;
+
+impl CustomOp2 for TrainedLinear {
     fn name(&self) -> &'static str {
         "linear"
     }
@@ -43,21 +124,7 @@ impl CustomOp2 for FusedLinear {
         let w = contiguous_f32(w, w_layout, self.name())?;
         let (rows, inp) = x_layout.shape().dims2()?;
         let (out, _) = w_layout.shape().dims2()?;
-        let mut y = vec![0f32; rows * out];
-        // SAFETY: contiguous row-major operands of the sizes given; y is fresh.
-        unsafe {
-            par_matmul(
-                rows,
-                out,
-                inp,
-                y.as_mut_ptr(),
-                out,
-                false,
-                Mat::rows(x.as_ptr(), inp),
-                Mat::rows(w.as_ptr(), inp).t(),
-                1.0,
-            );
-        }
+        let y = product(x, w, rows, inp, out);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -72,38 +139,43 @@ impl CustomOp2 for FusedLinear {
         let (out, _) = w.dims2()?;
         let (dx, dw) = with_slices(&[x, w, grad], self.name(), |s| {
             let (x, w, dy) = (s[0], s[1], s[2]);
-            let mut dx = vec![0f32; rows * inp];
-            let mut dw = vec![0f32; out * inp];
-            // SAFETY: contiguous row-major operands of the sizes given; dx and dw are fresh.
-            unsafe {
-                par_matmul(
-                    rows,
-                    inp,
-                    out,
-                    dx.as_mut_ptr(),
-                    inp,
-                    false,
-                    Mat::rows(dy.as_ptr(), out),
-                    Mat::rows(w.as_ptr(), inp),
-                    1.0,
-                );
-                par_matmul(
-                    out,
-                    inp,
-                    rows,
-                    dw.as_mut_ptr(),
-                    inp,
-                    false,
-                    Mat::rows(dy.as_ptr(), out).t(),
-                    Mat::rows(x.as_ptr(), inp),
-                    1.0,
-                );
-            }
-            Ok((dx, dw))
+            Ok((
+                input_gradient(dy, w, rows, inp, out),
+                weight_gradient(dy, x, rows, inp, out),
+            ))
         })?;
         Ok((
             Some(tensor(dx, &[rows, inp])?),
             Some(tensor(dw, &[out, inp])?),
         ))
+    }
+}
+
+struct FrozenLinear {
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_layout, self.name())?;
+        let (rows, inp) = x_layout.shape().dims2()?;
+        let (out, _) = self.weight.dims2()?;
+        let y = with_slices(&[&self.weight], self.name(), |s| {
+            Ok(product(x, s[0], rows, inp, out))
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, inp) = x.dims2()?;
+        let (out, _) = self.weight.dims2()?;
+        let dx = with_slices(&[grad, &self.weight], self.name(), |s| {
+            Ok(input_gradient(s[0], s[1], rows, inp, out))
+        })?;
+        Ok(Some(tensor(dx, &[rows, inp])?))
     }
 }

@@ -298,3 +298,31 @@ fn linear_matches_reference() {
         );
     }
 }
+
+#[test]
+fn frozen_linear_matches_reference_and_leaves_the_weight_without_gradient() {
+    use axl_kernels::linear;
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    for (rows, inp, out) in [(1, 1, 1), (33, 64, 130), (512, 96, 7)] {
+        let x = random(&mut rng, &[rows, inp], 1.0);
+        let w = Var::from_tensor(&random(&mut rng, &[out, inp], 0.5)).unwrap();
+        compare(
+            &format!("frozen linear {rows}x{inp} -> {out}"),
+            std::slice::from_ref(&x),
+            &|t| linear::frozen(&t[0], w.as_tensor()).unwrap(),
+            &|t| linear::reference(&t[0], &w.as_tensor().detach()).unwrap(),
+            1e-5,
+        );
+        let xv = Var::from_tensor(&x).unwrap();
+        let grads = linear::frozen(xv.as_tensor(), w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "the frozen weight gets no gradient"
+        );
+    }
+}

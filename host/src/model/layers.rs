@@ -176,7 +176,7 @@ impl Linear {
             return y.reshape(out_dims);
         }
         let mut y = match &self.weight {
-            Param::Frozen(w) => super::frozen_linear::frozen_matmul(&flat, w)?,
+            Param::Frozen(w) => axl_kernels::linear::frozen(&flat, w)?,
             Param::Trainable(w) => axl_kernels::linear::linear(&flat, w.as_tensor())?,
         };
         if let Some(bias) = &self.bias {

@@ -7,7 +7,6 @@
 
 pub mod byte_bpe;
 pub mod error;
-pub mod frozen_linear;
 pub mod generate;
 pub mod hf_config;
 pub mod layers;
