@@ -325,7 +325,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                     ),
                 ));
             }
-            if progress.global_step % logging_steps == 0 || last {
+            if progress.global_step.is_multiple_of(logging_steps) || last {
                 let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tokens_per_second = window_tokens as f64 / elapsed;
                 let done = progress.global_step - steps_at_start;
@@ -351,7 +351,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 (window_loss, window_norm, window_steps, window_tokens) = (0.0, 0.0, 0, 0);
                 window_start = Instant::now();
             }
-            let eval_now = eval_every.is_some_and(|n| progress.global_step % n == 0)
+            let eval_now = eval_every.is_some_and(|n| progress.global_step.is_multiple_of(n))
                 || (eval_each_epoch && (end_of_epoch || last));
             if eval_now {
                 model.set_dropout(None);
@@ -372,10 +372,9 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 progress.log_history.push(entry);
                 report.eval_loss = Some(eval_loss);
             }
-            let triggered = inputs
-                .trigger
-                .as_ref()
-                .is_some_and(|(file, every)| progress.global_step % every == 0 && file.is_file());
+            let triggered = inputs.trigger.as_ref().is_some_and(|(file, every)| {
+                progress.global_step.is_multiple_of(*every) && file.is_file()
+            });
             if triggered {
                 if let Some((file, _)) = &inputs.trigger {
                     let _ = std::fs::remove_file(file);
@@ -383,7 +382,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 }
             }
             let stopping = inputs.stop.is_some_and(|s| s.load(Ordering::SeqCst));
-            let save_now = save_every.is_some_and(|n| progress.global_step % n == 0)
+            let save_now = save_every.is_some_and(|n| progress.global_step.is_multiple_of(n))
                 || (save_each_epoch && end_of_epoch && !last)
                 || triggered
                 || (stopping && !last);
