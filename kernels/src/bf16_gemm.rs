@@ -7,8 +7,9 @@
 //! micro-kernel keeps an `MR × NR` tile of `dst` in registers while it walks a block of k.
 //!
 //! Not yet used by an op: it reaches about the speed of the f32 AVX-512 GEMM (about 210
-//! GFLOP/s at 512×576×1536 on 2 cores), while `vdpbf16ps` allows several times that; packing
-//! (scalar rounding, `B` packed on one thread) and the scalar write-back are what remain.
+//! GFLOP/s at 512×576×1536 on 2 cores). The micro-kernel's loop is 16 `vdpbf16ps` on
+//! registers with no spills, and packing `B` in parallel changed nothing, so the limit is
+//! elsewhere (this CPU's `vdpbf16ps` throughput, or the order in which panels are walked).
 
 use std::arch::x86_64::*;
 
@@ -74,35 +75,39 @@ unsafe fn pack_a(a: Mat, i0: usize, rows: usize, k0: usize, depth: usize, out: &
 }
 
 /// Packs depths `k0..k0+depth` and columns `j0..j0+cols` of `b` into `NR`-column panels: for
-/// each panel, for each pair of k, `NR` pairs `(b[k][j], b[k+1][j])`.
+/// each panel, for each pair of k, `NR` pairs `(b[k][j], b[k+1][j])`. Panels are packed in
+/// parallel.
 ///
 /// # Safety
 /// `b` must address the given depths and columns.
 unsafe fn pack_b(b: Mat, k0: usize, depth: usize, j0: usize, cols: usize, out: &mut Vec<u16>) {
+    struct Source(Mat);
+    // SAFETY: the source is only read.
+    unsafe impl Sync for Source {}
+    let source = Source(b);
     let pairs = depth.div_ceil(2);
     let panels = cols.div_ceil(NR);
     out.clear();
     out.resize(panels * pairs * NR * 2, 0);
-    for p in 0..panels {
-        for pair in 0..pairs {
-            for c in 0..NR {
-                let j = p * NR + c;
-                if j >= cols {
-                    continue;
-                }
-                let at = ((p * pairs + pair) * NR + c) * 2;
+    let source = &source;
+    out.par_chunks_mut(pairs * NR * 2)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            let b = source.0;
+            for pair in 0..pairs {
                 for h in 0..2 {
                     let k = pair * 2 + h;
-                    if k < depth {
-                        let v = *b
-                            .ptr
-                            .offset((k0 + k) as isize * b.rs + (j0 + j) as isize * b.cs);
-                        out[at + h] = to_bf16(v);
+                    if k >= depth {
+                        continue;
+                    }
+                    let row = b.ptr.offset((k0 + k) as isize * b.rs);
+                    for c in 0..NR.min(cols - p * NR) {
+                        let v = *row.offset((j0 + p * NR + c) as isize * b.cs);
+                        panel[(pair * NR + c) * 2 + h] = to_bf16(v);
                     }
                 }
             }
-        }
-    }
+        });
 }
 
 /// `tile[MR × NR] = Σ over pairs of a_panel · b_panel` in f32.
