@@ -18,7 +18,7 @@ use axl::model::generate::Decoder;
 use axl::model::hf_config::ModelConfig;
 use axl::model::lora::{self, LoraSettings, TargetModules};
 use axl::model::{CausalLm, LoadOptions};
-use axl::train::optimizer::{Optimizer, OptimizerKind, OptimizerSettings};
+use axl::train::optimizer::{Optimizer, OptimizerSettings};
 use axl::train::step;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -101,13 +101,7 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
     }];
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut optimizer = Optimizer::new(OptimizerSettings {
-        kind: OptimizerKind::AdamW,
-        beta1: 0.9,
-        beta2: 0.999,
-        epsilon: 1e-8,
-        weight_decay: 0.0,
-    });
+    let mut optimizer = Optimizer::new(OptimizerSettings::default());
     let mut last_loss = f64::NAN;
     let secs = seconds_per_step(steps, || {
         let (mut grads, outcome) = step::accumulate(&model, &params, &batches, checkpointing)?;

@@ -1,5 +1,6 @@
-//! In-place updates of tensors on the CPU: a parameter stepped by its optimizer, a gradient
-//! summed or scaled, without copying the tensor out and back in.
+//! Direct access to the elements of f32 CPU tensors: in-place updates (a parameter stepped by
+//! its optimizer, a gradient summed or scaled) and reads, without copying the tensor out and
+//! back in.
 
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 
@@ -15,6 +16,11 @@ pub fn update_with(dst: &Tensor, src: &Tensor, f: impl FnMut(&mut [f32], &[f32])
             f: std::cell::RefCell::new(f),
         },
     )
+}
+
+/// Calls `f` with the f32 elements of `t` (made contiguous first), to read.
+pub fn read<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    crate::cpu::with_slices(&[t], "read", |s| Ok(f(s[0])))
 }
 
 /// Calls `f` with the f32 elements of `dst` (a contiguous f32 CPU tensor) to modify.

@@ -24,9 +24,6 @@ pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;
 
-#[cfg(target_arch = "x86_64")]
-#[cfg_attr(not(test), allow(dead_code))]
-mod bf16_gemm;
 mod cpu;
 
 /// Whether the fused CPU implementation applies to these tensors: all f32 on the CPU.

@@ -47,7 +47,7 @@ pub fn reference(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 /// `x[rows, in] · Wᵀ`.
-fn product(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+pub(crate) fn product(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
     let mut y = vec![0f32; rows * out];
     // SAFETY: contiguous row-major operands of the sizes given; y is fresh.
     unsafe {
@@ -67,7 +67,13 @@ fn product(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32
 }
 
 /// `dy[rows, out] · W`, the gradient of the input.
-fn input_gradient(dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+pub(crate) fn input_gradient(
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<f32> {
     let mut dx = vec![0f32; rows * inp];
     // SAFETY: contiguous row-major operands of the sizes given; dx is fresh.
     unsafe {

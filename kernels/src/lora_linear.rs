@@ -6,9 +6,10 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{contiguous_f32, par_matmul, tensor, with_slices, Mat};
+use crate::linear::{input_gradient, product};
 
 /// `x·Wᵀ + scale · (x⊙mask)·Aᵀ·Bᵀ` for `x` `[rows, in]`, a frozen `weight` `[out, in]`,
 /// `a` `[r, in]` and `b` `[out, r]`; `mask` (`[rows, in]`, LoRA dropout) applies to the
@@ -81,21 +82,9 @@ struct FusedLora {
 impl FusedLora {
     /// Calls `f` with the weight and the mask as f32 slices.
     fn with_held<R>(&self, f: impl FnOnce(&[f32], Option<&[f32]>) -> Result<R>) -> Result<R> {
-        let (w_guard, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*w_guard else {
-            candle_core::bail!("lora_linear: the weight must be on the CPU");
-        };
-        let w = contiguous_f32(w, w_layout, "lora_linear")?;
-        match &self.mask {
-            None => f(w, None),
-            Some(mask) => {
-                let (m_guard, m_layout) = mask.storage_and_layout();
-                let Storage::Cpu(m) = &*m_guard else {
-                    candle_core::bail!("lora_linear: the mask must be on the CPU");
-                };
-                f(w, Some(contiguous_f32(m, m_layout, "lora_linear")?))
-            }
-        }
+        let mut held = vec![&self.weight];
+        held.extend(&self.mask);
+        with_slices(&held, "lora_linear", |s| f(s[0], s.get(1).copied()))
     }
 }
 
@@ -132,23 +121,12 @@ impl CustomOp3 for FusedLora {
         let (rows, inp) = x_layout.shape().dims2()?;
         let (out, rank) = b_layout.shape().dims2()?;
         let y = self.with_held(|w, mask| {
-            let mut y = vec![0f32; rows * out];
+            let mut y = product(x, w, rows, inp, out);
             let mut low = vec![0f32; rows * rank];
             let mut buffer = Vec::new();
             let input = masked(x, mask, &mut buffer);
             // SAFETY: every operand is a contiguous row-major buffer of the sizes given.
             unsafe {
-                par_matmul(
-                    rows,
-                    out,
-                    inp,
-                    y.as_mut_ptr(),
-                    out,
-                    false,
-                    Mat::rows(x.as_ptr(), inp),
-                    Mat::rows(w.as_ptr(), inp).t(),
-                    1.0,
-                );
                 par_matmul(
                     rows,
                     rank,
@@ -192,7 +170,8 @@ impl CustomOp3 for FusedLora {
         let (dx, da, db) = with_slices(&[x, a, b, grad], self.name(), |s| {
             let (x, a, b, dy) = (s[0], s[1], s[2], s[3]);
             self.with_held(|w, mask| {
-                let mut dx = vec![0f32; rows * inp];
+                // dx = dy·W (+ the adapter's part below).
+                let mut dx = input_gradient(dy, w, rows, inp, out);
                 let mut d_low = vec![0f32; rows * rank];
                 let mut da = vec![0f32; rank * inp];
                 let mut db = vec![0f32; out * rank];
@@ -202,18 +181,6 @@ impl CustomOp3 for FusedLora {
                 // SAFETY: every operand is a contiguous row-major buffer of the sizes given,
                 // and no destination overlaps an operand.
                 unsafe {
-                    // dx = dy·W (+ the adapter's part below).
-                    par_matmul(
-                        rows,
-                        inp,
-                        out,
-                        dx.as_mut_ptr(),
-                        inp,
-                        false,
-                        Mat::rows(dy.as_ptr(), out),
-                        Mat::rows(w.as_ptr(), inp),
-                        1.0,
-                    );
                     // d_low = s · dy·B.
                     par_matmul(
                         rows,

@@ -2,7 +2,7 @@
 //! `x · cos + rotate_half(x) · sin`, applied to `[batch, len, heads, head_dim]` in one pass;
 //! the backward pass is the inverse rotation.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::cpu::{contiguous_f32, tensor, with_slices};
@@ -56,15 +56,21 @@ struct FusedRope {
 impl FusedRope {
     /// Applies the rotation (or, with `inverse`, its transpose) to every head vector of `x`.
     fn apply(&self, x: &[f32], shape: &Shape, inverse: bool) -> Result<Vec<f32>> {
+        with_slices(&[&self.cos, &self.sin], "rope", |tables| {
+            self.rotate(x, shape, inverse, tables[0], tables[1])
+        })
+    }
+
+    fn rotate(
+        &self,
+        x: &[f32],
+        shape: &Shape,
+        inverse: bool,
+        cos: &[f32],
+        sin: &[f32],
+    ) -> Result<Vec<f32>> {
         let (batch, len, heads, dim) = shape.dims4()?;
         let half = dim / 2;
-        let (cos_guard, cos_layout) = self.cos.storage_and_layout();
-        let (sin_guard, sin_layout) = self.sin.storage_and_layout();
-        let (Storage::Cpu(cos), Storage::Cpu(sin)) = (&*cos_guard, &*sin_guard) else {
-            candle_core::bail!("rope: tables must be on the CPU");
-        };
-        let cos = contiguous_f32(cos, cos_layout, "rope")?;
-        let sin = contiguous_f32(sin, sin_layout, "rope")?;
         let mut out = vec![0f32; x.len()];
         let row_len = heads * dim;
         out.par_chunks_mut(row_len)

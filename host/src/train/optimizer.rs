@@ -50,6 +50,19 @@ pub struct OptimizerSettings {
     pub weight_decay: f64,
 }
 
+impl Default for OptimizerSettings {
+    /// AdamW with Axolotl's defaults: betas 0.9 and 0.999, epsilon 1e-8, no weight decay.
+    fn default() -> Self {
+        Self {
+            kind: OptimizerKind::AdamW,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
 /// Whether weight decay applies to a parameter: not to biases or normalization weights.
 pub fn decays(name: &str) -> bool {
     !name.split('.').any(|part| {

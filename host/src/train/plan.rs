@@ -98,6 +98,7 @@ impl TrainSettings {
             .ok_or_else(|| format!("optimizer `{}` is not implemented", t.optimizer))?;
         let schedule = ScheduleKind::parse(&t.lr_scheduler)
             .ok_or_else(|| format!("lr_scheduler `{}` is not implemented", t.lr_scheduler))?;
+        let defaults = OptimizerSettings::default();
         Ok(Self {
             micro_batch_size: c.micro_batch_size,
             gradient_accumulation_steps: t.gradient_accumulation_steps,
@@ -111,10 +112,10 @@ impl TrainSettings {
             learning_rate,
             optimizer: OptimizerSettings {
                 kind,
-                beta1: t.adam_beta1.unwrap_or(0.9),
-                beta2: t.adam_beta2.unwrap_or(0.999),
-                epsilon: t.adam_epsilon.unwrap_or(1e-8),
-                weight_decay: t.weight_decay.unwrap_or(0.0),
+                beta1: t.adam_beta1.unwrap_or(defaults.beta1),
+                beta2: t.adam_beta2.unwrap_or(defaults.beta2),
+                epsilon: t.adam_epsilon.unwrap_or(defaults.epsilon),
+                weight_decay: t.weight_decay.unwrap_or(defaults.weight_decay),
             },
             schedule,
             warmup_steps: t.warmup_steps,

@@ -51,8 +51,8 @@ impl Gradients {
     pub fn norm(&self) -> Result<f64> {
         let mut sum = 0f64;
         for g in self.values.iter().flatten() {
-            inplace::update(g, |g| {
-                sum += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            sum += inplace::read(g, |g| {
+                g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
             })?;
         }
         Ok(sum.sqrt())

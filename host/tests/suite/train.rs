@@ -330,7 +330,7 @@ fn resumed_run_continues_with_the_same_losses() {
 /// directories, which are never read).
 #[test]
 fn a_killed_run_leaves_only_loadable_checkpoints() {
-    use axl::train::optimizer::{Optimizer, OptimizerKind, OptimizerSettings};
+    use axl::train::optimizer::{Optimizer, OptimizerSettings};
     let dir = tempfile::tempdir().unwrap();
     let config = training_config(dir.path(), "num_epochs: 3\nsave_steps: 1\n");
     let output = dir.path().join("out");
@@ -378,13 +378,7 @@ fn a_killed_run_leaves_only_loadable_checkpoints() {
             }
             axl::model::CausalLm::load(&checkpoint, &axl::model::LoadOptions::default())
                 .unwrap_or_else(|e| panic!("{}: {e}", checkpoint.display()));
-            let mut optimizer = Optimizer::new(OptimizerSettings {
-                kind: OptimizerKind::AdamW,
-                beta1: 0.9,
-                beta2: 0.999,
-                epsilon: 1e-8,
-                weight_decay: 0.0,
-            });
+            let mut optimizer = Optimizer::new(OptimizerSettings::default());
             axl::train::checkpoint::restore(&checkpoint, &mut optimizer)
                 .unwrap_or_else(|e| panic!("{}: {e}", checkpoint.display()));
         }
