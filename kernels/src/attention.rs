@@ -9,7 +9,7 @@
 //! for packed rows limited to each query's own sequence; Gemma 2's soft-capping of the scores
 //! is supported.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -375,118 +375,125 @@ impl FusedAttention {
         let dq_ptr = SharedMut(dq.as_mut_ptr());
         // Key and value gradients of each (row, kv head), `keys × head_dim`, summed over the
         // query heads and blocks that read them.
-        let kv_grads: Vec<Mutex<(Vec<f32>, Vec<f32>)>> = (0..d.batch * d.kv_heads)
-            .map(|_| Mutex::new((vec![0f32; d.keys * hd], vec![0f32; d.keys * hd])))
+        let mut kv_grads: Vec<(Vec<f32>, Vec<f32>)> = (0..d.batch * d.kv_heads)
+            .map(|_| (vec![0f32; d.keys * hd], vec![0f32; d.keys * hd]))
             .collect();
-        d.tasks().into_par_iter().for_each(|(b, h, block)| {
-            let i0 = block * BLOCK;
-            let i1 = (i0 + BLOCK).min(d.queries);
-            let kv_head = h / (d.heads / d.kv_heads);
-            let BlockProbs {
-                first,
-                width,
-                rows,
-                probs,
-                tanh,
-            } = self.block_probs(q, k, b, h, i0, i1);
-            let q_rows = d.heads * hd;
-            let kv_rows = d.kv_heads * hd;
-            let q_blk = Mat::rows(q[d.q_offset(b, i0, h)..].as_ptr(), q_rows);
-            let do_blk = Mat::rows(dout[d.q_offset(b, i0, h)..].as_ptr(), q_rows);
-            let k_span = Mat::rows(k[d.kv_offset(b, first, kv_head)..].as_ptr(), kv_rows);
-            let v_span = Mat::rows(v[d.kv_offset(b, first, kv_head)..].as_ptr(), kv_rows);
-            // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), through the soft cap.
-            let mut grad = vec![0f32; rows * width];
-            // SAFETY: all operands lie inside their buffers (see block_probs); grad is
-            // rows × width and private to this task.
-            unsafe {
-                matmul(
+        // Each task returns its share of the key and value gradients; they are summed below in
+        // task order, so that the result does not depend on scheduling.
+        let partials: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = d
+            .tasks()
+            .into_par_iter()
+            .map(|(b, h, block)| {
+                let i0 = block * BLOCK;
+                let i1 = (i0 + BLOCK).min(d.queries);
+                let kv_head = h / (d.heads / d.kv_heads);
+                let BlockProbs {
+                    first,
+                    width,
                     rows,
-                    width,
-                    hd,
-                    grad.as_mut_ptr(),
-                    width,
-                    false,
-                    do_blk,
-                    v_span.t(),
-                    1.0,
-                );
-            }
-            for r in 0..rows {
-                let at = d.q_offset(b, i0 + r, h);
-                let dot: f32 = dout[at..at + hd]
-                    .iter()
-                    .zip(&o[at..at + hd])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                let row = r * width..(r + 1) * width;
-                for ((g, p), j) in grad[row.clone()]
-                    .iter_mut()
-                    .zip(&probs[row])
-                    .zip(r * width..)
-                {
-                    *g = p * (*g - dot);
-                    if !tanh.is_empty() {
-                        *g *= 1.0 - tanh[j] * tanh[j];
+                    probs,
+                    tanh,
+                } = self.block_probs(q, k, b, h, i0, i1);
+                let q_rows = d.heads * hd;
+                let kv_rows = d.kv_heads * hd;
+                let q_blk = Mat::rows(q[d.q_offset(b, i0, h)..].as_ptr(), q_rows);
+                let do_blk = Mat::rows(dout[d.q_offset(b, i0, h)..].as_ptr(), q_rows);
+                let k_span = Mat::rows(k[d.kv_offset(b, first, kv_head)..].as_ptr(), kv_rows);
+                let v_span = Mat::rows(v[d.kv_offset(b, first, kv_head)..].as_ptr(), kv_rows);
+                // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), through the soft cap.
+                let mut grad = vec![0f32; rows * width];
+                // SAFETY: all operands lie inside their buffers (see block_probs); grad is
+                // rows × width and private to this task.
+                unsafe {
+                    matmul(
+                        rows,
+                        width,
+                        hd,
+                        grad.as_mut_ptr(),
+                        width,
+                        false,
+                        do_blk,
+                        v_span.t(),
+                        1.0,
+                    );
+                }
+                for r in 0..rows {
+                    let at = d.q_offset(b, i0 + r, h);
+                    let dot: f32 = dout[at..at + hd]
+                        .iter()
+                        .zip(&o[at..at + hd])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let row = r * width..(r + 1) * width;
+                    for ((g, p), j) in grad[row.clone()]
+                        .iter_mut()
+                        .zip(&probs[row])
+                        .zip(r * width..)
+                    {
+                        *g = p * (*g - dot);
+                        if !tanh.is_empty() {
+                            *g *= 1.0 - tanh[j] * tanh[j];
+                        }
                     }
                 }
-            }
-            let grad_m = Mat::rows(grad.as_ptr(), width);
-            let mut dk = vec![0f32; width * hd];
-            let mut dv = vec![0f32; width * hd];
-            // SAFETY: this task alone writes the dq rows i0..i1 of head h; dk and dv are
-            // private; the operands lie inside their buffers.
-            unsafe {
-                matmul(
-                    rows,
-                    hd,
-                    width,
-                    dq_ptr.at(d.q_offset(b, i0, h)),
-                    q_rows,
-                    false,
-                    grad_m,
-                    k_span,
-                    self.scale,
-                );
-                matmul(
-                    width,
-                    hd,
-                    rows,
-                    dk.as_mut_ptr(),
-                    hd,
-                    false,
-                    grad_m.t(),
-                    q_blk,
-                    self.scale,
-                );
-                matmul(
-                    width,
-                    hd,
-                    rows,
-                    dv.as_mut_ptr(),
-                    hd,
-                    false,
-                    Mat::rows(probs.as_ptr(), width).t(),
-                    do_blk,
-                    1.0,
-                );
-            }
-            let mut acc = kv_grads[b * d.kv_heads + kv_head]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let span = first * hd..(first + width) * hd;
+                let grad_m = Mat::rows(grad.as_ptr(), width);
+                let mut dk = vec![0f32; width * hd];
+                let mut dv = vec![0f32; width * hd];
+                // SAFETY: this task alone writes the dq rows i0..i1 of head h; dk and dv are
+                // private; the operands lie inside their buffers.
+                unsafe {
+                    matmul(
+                        rows,
+                        hd,
+                        width,
+                        dq_ptr.at(d.q_offset(b, i0, h)),
+                        q_rows,
+                        false,
+                        grad_m,
+                        k_span,
+                        self.scale,
+                    );
+                    matmul(
+                        width,
+                        hd,
+                        rows,
+                        dk.as_mut_ptr(),
+                        hd,
+                        false,
+                        grad_m.t(),
+                        q_blk,
+                        self.scale,
+                    );
+                    matmul(
+                        width,
+                        hd,
+                        rows,
+                        dv.as_mut_ptr(),
+                        hd,
+                        false,
+                        Mat::rows(probs.as_ptr(), width).t(),
+                        do_blk,
+                        1.0,
+                    );
+                }
+                (b * d.kv_heads + kv_head, first, dk, dv)
+            })
+            .collect();
+        for (index, first, dk, dv) in partials {
+            let acc = &mut kv_grads[index];
+            let span = first * hd..first * hd + dk.len();
             for (a, g) in acc.0[span.clone()].iter_mut().zip(&dk) {
                 *a += g;
             }
             for (a, g) in acc.1[span].iter_mut().zip(&dv) {
                 *a += g;
             }
-        });
+        }
         let mut dk = vec![0f32; k.len()];
         let mut dv = vec![0f32; v.len()];
         for (index, grads) in kv_grads.into_iter().enumerate() {
             let (b, kv_head) = (index / d.kv_heads, index % d.kv_heads);
-            let (gk, gv) = grads.into_inner().unwrap_or_else(|e| e.into_inner());
+            let (gk, gv) = grads;
             for j in 0..d.keys {
                 let at = d.kv_offset(b, j, kv_head);
                 dk[at..at + hd].copy_from_slice(&gk[j * hd..(j + 1) * hd]);

@@ -326,3 +326,49 @@ fn frozen_linear_matches_reference_and_leaves_the_weight_without_gradient() {
         );
     }
 }
+
+/// The attention backward pass sums each key's gradient over many parallel tasks; the sum
+/// must not depend on which task finishes first.
+#[test]
+fn attention_gradients_are_the_same_on_every_run() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let q = Var::from_tensor(&random(&mut rng, &[2, 300, 6, 16], 1.0)).unwrap();
+    let k = Var::from_tensor(&random(&mut rng, &[2, 300, 2, 16], 1.0)).unwrap();
+    let v = Var::from_tensor(&random(&mut rng, &[2, 300, 2, 16], 1.0)).unwrap();
+    let weights = random(&mut rng, &[2, 300, 6, 16], 1.0);
+    let mask = Arc::new(CausalMask::causal(0, None));
+    let scores = Scores {
+        scale: 0.25,
+        softcap: None,
+    };
+    let run = || {
+        let out =
+            attention::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, scores)
+                .unwrap();
+        let grads = (out * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dk = grads
+            .get(k.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let dv = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (dk, dv)
+    };
+    let first = run();
+    for _ in 0..8 {
+        assert!(run() == first, "key/value gradients differ between runs");
+    }
+}
