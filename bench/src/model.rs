@@ -4,7 +4,7 @@
 //!
 //! `axl-bench-model forward|generate [--seq N] [--steps N] [--new-tokens N]` (SmolLM2-135M
 //! shape), and `axl-bench-model train --shape tiny|smol --mode full|lora [--seq N]
-//! [--steps N] [--gradient-checkpointing]`. Prints one JSON line. `bench/model_runtime.sh`
+//! [--steps N] [--gradient-checkpointing] [--bf16]`. Prints one JSON line. `bench/model_runtime.sh`
 //! and `bench/train.sh` run it beside their Python peers.
 
 use std::time::Instant;
@@ -17,6 +17,7 @@ use axl::data::packing::Batch;
 use axl::model::generate::Decoder;
 use axl::model::hf_config::ModelConfig;
 use axl::model::lora::{self, LoraSettings, TargetModules};
+use axl::model::Precision;
 use axl::model::{CausalLm, LoadOptions};
 use axl::train::optimizer::{Optimizer, OptimizerSettings};
 use axl::train::step;
@@ -86,6 +87,13 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
         lora::attach_new(&mut model, &settings, 0)?;
     }
     let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
+    let bf16 = args.iter().any(|a| a == "--bf16");
+    if bf16 {
+        if !Precision::bf16_available() {
+            bail!("--bf16 needs a CPU with AVX-512 BF16");
+        }
+        model.set_precision(Precision::Bf16);
+    }
     let vocab = model.config.vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let rows: Vec<Vec<u32>> = (0..batch)
@@ -111,7 +119,7 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
         Ok(())
     })?;
     Ok(json!({
-        "shape": shape, "mode": mode, "bf16": false, "gradient_checkpointing": checkpointing,
+        "shape": shape, "mode": mode, "bf16": bf16, "gradient_checkpointing": checkpointing,
         "batch": batch, "seq": seq, "steps": steps, "trainable_params": trainable,
         "tokens_per_s": (batch * seq) as f64 / secs, "step_s": secs, "last_loss": last_loss,
     }))
@@ -161,7 +169,7 @@ fn main() -> anyhow::Result<()> {
     axl::allocator::tune_for_tensors();
     axl::threads::no_idle_spinning();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--gradient-checkpointing]")?.clone();
+    let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--gradient-checkpointing] [--bf16]")?.clone();
     let seq = arg(&args, "--seq", 512)?;
     let steps = arg(&args, "--steps", 3)?;
     let new_tokens = arg(&args, "--new-tokens", 256)?;

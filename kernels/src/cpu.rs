@@ -3,6 +3,8 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
+use crate::Precision;
+
 /// The f32 elements of a contiguous CPU operand.
 pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
@@ -66,6 +68,12 @@ pub(crate) struct Mat {
     pub rs: isize,
     pub cs: isize,
 }
+
+// SAFETY: a `Mat` is only ever read through, and every function taking one requires its
+// memory to stay valid and unchanged for the call, so tasks on other threads may read it too.
+unsafe impl Send for Mat {}
+// SAFETY: as above.
+unsafe impl Sync for Mat {}
 
 impl Mat {
     /// A row-major matrix whose rows are `rs` elements apart.
@@ -142,6 +150,31 @@ pub(crate) unsafe fn par_matmul(
         gemm::Parallelism::None
     };
     matmul_with(m, n, k, dst, dst_rs, accumulate, a, b, scale, parallelism)
+}
+
+/// [`par_matmul`] in `precision`: bf16 where it applies (see [`Precision::Bf16`]).
+///
+/// # Safety
+/// As for [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn par_matmul_in(
+    precision: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if precision == Precision::Bf16 && m.min(n).min(k) >= 32 && crate::bf16_gemm::available() {
+        return crate::bf16_gemm::matmul(m, n, k, dst, dst_rs, accumulate, a, b, scale);
+    }
+    let _ = precision;
+    par_matmul(m, n, k, dst, dst_rs, accumulate, a, b, scale)
 }
 
 #[allow(clippy::too_many_arguments)]

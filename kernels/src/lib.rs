@@ -24,7 +24,36 @@ pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;
 
+#[cfg(target_arch = "x86_64")]
+mod bf16_gemm;
 mod cpu;
+
+/// The precision of the linear layers' matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 inputs, f32 sums.
+    #[default]
+    F32,
+    /// Inputs rounded to bf16, every product summed in f32, as `torch.autocast(bfloat16)`
+    /// computes linear layers on a CPU; weights, activations and gradients stay f32. Needs
+    /// AVX-512 BF16 ([`Precision::bf16_available`]); without it, and for products with a
+    /// dimension under 32 (LoRA's rank, where bf16 is no faster), products are f32.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this CPU computes [`Precision::Bf16`] products in bf16.
+    pub fn bf16_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            bf16_gemm::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
 
 /// Whether the fused CPU implementation applies to these tensors: all f32 on the CPU.
 fn fused_applies(tensors: &[&candle_core::Tensor]) -> bool {

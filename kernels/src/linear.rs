@@ -8,7 +8,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{contiguous_f32, par_matmul, tensor, with_slices, Mat};
+use crate::cpu::{contiguous_f32, par_matmul_in, tensor, with_slices, Mat};
+use crate::Precision;
 
 fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
     let (_, inp) = x.dims2()?;
@@ -19,25 +20,27 @@ fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `x·Wᵀ` for `x` `[rows, in]` and a trained `weight` `[out, in]`.
-pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// `x·Wᵀ` for `x` `[rows, in]` and a trained `weight` `[out, in]`, its products (forward and
+/// backward) in `precision`.
+pub fn linear(x: &Tensor, weight: &Tensor, precision: Precision) -> Result<Tensor> {
     check(x, weight)?;
     if !crate::fused_applies(&[x, weight]) {
         return reference(x, weight);
     }
     x.contiguous()?
-        .apply_op2(&weight.contiguous()?, TrainedLinear)
+        .apply_op2(&weight.contiguous()?, TrainedLinear { precision })
 }
 
-/// `x·Wᵀ` for `x` `[rows, in]` and a frozen `weight` `[out, in]`: the backward pass yields
-/// only `∂x`.
-pub fn frozen(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// `x·Wᵀ` for `x` `[rows, in]` and a frozen `weight` `[out, in]`, its products in `precision`:
+/// the backward pass yields only `∂x`.
+pub fn frozen(x: &Tensor, weight: &Tensor, precision: Precision) -> Result<Tensor> {
     check(x, weight)?;
     if !crate::fused_applies(&[x, weight]) {
         return reference(x, &weight.detach());
     }
     x.contiguous()?.apply_op1(FrozenLinear {
         weight: weight.contiguous()?.detach(),
+        precision,
     })
 }
 
@@ -47,11 +50,19 @@ pub fn reference(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 /// `x[rows, in] · Wᵀ`.
-pub(crate) fn product(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+pub(crate) fn product(
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    precision: Precision,
+) -> Vec<f32> {
     let mut y = vec![0f32; rows * out];
     // SAFETY: contiguous row-major operands of the sizes given; y is fresh.
     unsafe {
-        par_matmul(
+        par_matmul_in(
+            precision,
             rows,
             out,
             inp,
@@ -73,11 +84,13 @@ pub(crate) fn input_gradient(
     rows: usize,
     inp: usize,
     out: usize,
+    precision: Precision,
 ) -> Vec<f32> {
     let mut dx = vec![0f32; rows * inp];
     // SAFETY: contiguous row-major operands of the sizes given; dx is fresh.
     unsafe {
-        par_matmul(
+        par_matmul_in(
+            precision,
             rows,
             inp,
             out,
@@ -93,11 +106,19 @@ pub(crate) fn input_gradient(
 }
 
 /// `dyᵀ · x`, the gradient of the weight, `[out, in]`.
-fn weight_gradient(dy: &[f32], x: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+fn weight_gradient(
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    precision: Precision,
+) -> Vec<f32> {
     let mut dw = vec![0f32; out * inp];
     // SAFETY: contiguous row-major operands of the sizes given; dw is fresh.
     unsafe {
-        par_matmul(
+        par_matmul_in(
+            precision,
             out,
             inp,
             rows,
@@ -112,7 +133,9 @@ fn weight_gradient(dy: &[f32], x: &[f32], rows: usize, inp: usize, out: usize) -
     dw
 }
 
-struct TrainedLinear;
+struct TrainedLinear {
+    precision: Precision,
+}
 
 impl CustomOp2 for TrainedLinear {
     fn name(&self) -> &'static str {
@@ -130,7 +153,7 @@ impl CustomOp2 for TrainedLinear {
         let w = contiguous_f32(w, w_layout, self.name())?;
         let (rows, inp) = x_layout.shape().dims2()?;
         let (out, _) = w_layout.shape().dims2()?;
-        let y = product(x, w, rows, inp, out);
+        let y = product(x, w, rows, inp, out, self.precision);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -146,8 +169,8 @@ impl CustomOp2 for TrainedLinear {
         let (dx, dw) = with_slices(&[x, w, grad], self.name(), |s| {
             let (x, w, dy) = (s[0], s[1], s[2]);
             Ok((
-                input_gradient(dy, w, rows, inp, out),
-                weight_gradient(dy, x, rows, inp, out),
+                input_gradient(dy, w, rows, inp, out, self.precision),
+                weight_gradient(dy, x, rows, inp, out, self.precision),
             ))
         })?;
         Ok((
@@ -159,6 +182,7 @@ impl CustomOp2 for TrainedLinear {
 
 struct FrozenLinear {
     weight: Tensor,
+    precision: Precision,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -171,7 +195,7 @@ impl CustomOp1 for FrozenLinear {
         let (rows, inp) = x_layout.shape().dims2()?;
         let (out, _) = self.weight.dims2()?;
         let y = with_slices(&[&self.weight], self.name(), |s| {
-            Ok(product(x, s[0], rows, inp, out))
+            Ok(product(x, s[0], rows, inp, out, self.precision))
         })?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
@@ -180,7 +204,7 @@ impl CustomOp1 for FrozenLinear {
         let (rows, inp) = x.dims2()?;
         let (out, _) = self.weight.dims2()?;
         let dx = with_slices(&[grad, &self.weight], self.name(), |s| {
-            Ok(input_gradient(s[0], s[1], rows, inp, out))
+            Ok(input_gradient(s[0], s[1], rows, inp, out, self.precision))
         })?;
         Ok(Some(tensor(dx, &[rows, inp])?))
     }

@@ -10,10 +10,12 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{contiguous_f32, par_matmul, tensor, with_slices, Mat};
 use crate::linear::{input_gradient, product};
+use crate::Precision;
 
 /// `x·Wᵀ + scale · (x⊙mask)·Aᵀ·Bᵀ` for `x` `[rows, in]`, a frozen `weight` `[out, in]`,
 /// `a` `[r, in]` and `b` `[out, r]`; `mask` (`[rows, in]`, LoRA dropout) applies to the
-/// adapter's input only.
+/// adapter's input only. The base products run in `precision`; the adapter's, whose inner
+/// dimension is the rank, in f32.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -21,6 +23,7 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
     mask: Option<&Tensor>,
+    precision: Precision,
 ) -> Result<Tensor> {
     let (rows, inp) = x.dims2()?;
     let (out, w_in) = weight.dims2()?;
@@ -49,6 +52,7 @@ pub fn lora_linear(
             weight: weight.contiguous()?.detach(),
             mask: mask.map(|m| m.contiguous()).transpose()?,
             scale: scale as f32,
+            precision,
             low: Mutex::new(Vec::new()),
         },
     )
@@ -75,6 +79,7 @@ struct FusedLora {
     weight: Tensor,
     mask: Option<Tensor>,
     scale: f32,
+    precision: Precision,
     /// `(x⊙m)·Aᵀ`, kept by the forward pass for the gradient of `B`.
     low: Mutex<Vec<f32>>,
 }
@@ -121,7 +126,7 @@ impl CustomOp3 for FusedLora {
         let (rows, inp) = x_layout.shape().dims2()?;
         let (out, rank) = b_layout.shape().dims2()?;
         let y = self.with_held(|w, mask| {
-            let mut y = product(x, w, rows, inp, out);
+            let mut y = product(x, w, rows, inp, out, self.precision);
             let mut low = vec![0f32; rows * rank];
             let mut buffer = Vec::new();
             let input = masked(x, mask, &mut buffer);
@@ -171,7 +176,7 @@ impl CustomOp3 for FusedLora {
             let (x, a, b, dy) = (s[0], s[1], s[2], s[3]);
             self.with_held(|w, mask| {
                 // dx = dy·W (+ the adapter's part below).
-                let mut dx = input_gradient(dy, w, rows, inp, out);
+                let mut dx = input_gradient(dy, w, rows, inp, out, self.precision);
                 let mut d_low = vec![0f32; rows * rank];
                 let mut da = vec![0f32; rank * inp];
                 let mut db = vec![0f32; out * rank];

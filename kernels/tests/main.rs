@@ -7,8 +7,8 @@ use std::sync::Arc;
 use axl_kernels::attention::{self, CausalMask, Scores};
 use axl_kernels::cross_entropy::{self, IGNORE_INDEX};
 use axl_kernels::glu::{self, GateActivation};
-use axl_kernels::{rms_norm, rope};
-use candle_core::{Device, Tensor, Var};
+use axl_kernels::{rms_norm, rope, Precision};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -274,7 +274,16 @@ fn lora_linear_matches_reference() {
             &format!("lora_linear {rows}x{inp} -> {out}, rank {rank}, mask {with_mask}"),
             &[x, a, b],
             &|t| {
-                lora_linear::lora_linear(&t[0], &weight, &t[1], &t[2], 2.0, mask.as_ref()).unwrap()
+                lora_linear::lora_linear(
+                    &t[0],
+                    &weight,
+                    &t[1],
+                    &t[2],
+                    2.0,
+                    mask.as_ref(),
+                    Precision::F32,
+                )
+                .unwrap()
             },
             &|t| lora_linear::reference(&t[0], &weight, &t[1], &t[2], 2.0, mask.as_ref()).unwrap(),
             1e-5,
@@ -292,7 +301,7 @@ fn linear_matches_reference() {
         compare(
             &format!("linear {rows}x{inp} -> {out}"),
             &[x, w],
-            &|t| linear::linear(&t[0], &t[1]).unwrap(),
+            &|t| linear::linear(&t[0], &t[1], Precision::F32).unwrap(),
             &|t| linear::reference(&t[0], &t[1]).unwrap(),
             1e-5,
         );
@@ -309,12 +318,12 @@ fn frozen_linear_matches_reference_and_leaves_the_weight_without_gradient() {
         compare(
             &format!("frozen linear {rows}x{inp} -> {out}"),
             std::slice::from_ref(&x),
-            &|t| linear::frozen(&t[0], w.as_tensor()).unwrap(),
+            &|t| linear::frozen(&t[0], w.as_tensor(), Precision::F32).unwrap(),
             &|t| linear::reference(&t[0], &w.as_tensor().detach()).unwrap(),
             1e-5,
         );
         let xv = Var::from_tensor(&x).unwrap();
-        let grads = linear::frozen(xv.as_tensor(), w.as_tensor())
+        let grads = linear::frozen(xv.as_tensor(), w.as_tensor(), Precision::F32)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -323,6 +332,78 @@ fn frozen_linear_matches_reference_and_leaves_the_weight_without_gradient() {
         assert!(
             grads.get(w.as_tensor()).is_none(),
             "the frozen weight gets no gradient"
+        );
+    }
+}
+
+/// `x` rounded to bf16 and back: what a bf16 product reads of it.
+fn bf16_rounded(x: &Tensor) -> Tensor {
+    x.to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// In bf16 the linear ops round their inputs and nothing else: on inputs that bf16 holds
+/// exactly they give the f32 result, on others they differ from it by bf16's rounding, and
+/// their gradients are within bf16's precision of the reference's.
+#[test]
+fn linear_ops_in_bf16_round_only_their_inputs() {
+    use axl_kernels::{linear, lora_linear};
+    if !Precision::bf16_available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16");
+        return;
+    }
+    let bf16 = Precision::Bf16;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for (rows, inp, out) in [(64, 96, 130), (130, 64, 33), (300, 350, 40)] {
+        let x = random(&mut rng, &[rows, inp], 1.0);
+        let w = random(&mut rng, &[out, inp], 0.5);
+        let (a, b) = (
+            random(&mut rng, &[8, inp], 0.3),
+            random(&mut rng, &[out, 8], 0.3),
+        );
+        let lora = |x: &Tensor, a: &Tensor, b: &Tensor, w: &Tensor, precision| {
+            lora_linear::lora_linear(x, w, a, b, 2.0, None, precision).unwrap()
+        };
+        let what = format!("{rows}x{inp} -> {out}");
+        type LinearOp<'a> = &'a dyn Fn(&[Tensor], Precision) -> Tensor;
+        let ops: [(&str, LinearOp); 3] = [
+            ("linear", &|t, p| linear::linear(&t[0], &t[1], p).unwrap()),
+            ("frozen", &|t, p| linear::frozen(&t[0], &t[1], p).unwrap()),
+            ("lora", &|t, p| lora(&t[0], &t[2], &t[3], &t[1], p)),
+        ];
+        for (name, op) in ops {
+            let inputs = [x.clone(), w.clone(), a.clone(), b.clone()];
+            let exact: Vec<Tensor> = inputs.iter().map(bf16_rounded).collect();
+            let diff = max_rel_diff(&op(&exact, bf16), &op(&exact, Precision::F32));
+            assert!(diff < 1e-5, "{name} {what} on bf16 inputs: {diff}");
+            let diff = max_rel_diff(&op(&inputs, bf16), &op(&inputs, Precision::F32));
+            assert!(
+                diff > 1e-5 && diff < 1e-2,
+                "{name} {what}: bf16 off f32 by {diff}"
+            );
+        }
+        compare(
+            &format!("linear in bf16 {what}"),
+            &[x.clone(), w.clone()],
+            &|t| linear::linear(&t[0], &t[1], bf16).unwrap(),
+            &|t| linear::reference(&t[0], &t[1]).unwrap(),
+            1e-2,
+        );
+        compare(
+            &format!("frozen linear in bf16 {what}"),
+            std::slice::from_ref(&x),
+            &|t| linear::frozen(&t[0], &w, bf16).unwrap(),
+            &|t| linear::reference(&t[0], &w).unwrap(),
+            1e-2,
+        );
+        compare(
+            &format!("lora_linear in bf16 {what}"),
+            &[x, a, b],
+            &|t| lora(&t[0], &t[1], &t[2], &w, bf16),
+            &|t| lora_linear::reference(&t[0], &w, &t[1], &t[2], 2.0, None).unwrap(),
+            1e-2,
         );
     }
 }

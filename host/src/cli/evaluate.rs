@@ -32,6 +32,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     let mut model = setup::load_base(&sources, &LoadOptions::default())?;
+    model.set_precision(settings.precision);
     if let Some(dir) = setup::trained_adapter_dir(&cfg, &overrides) {
         if setup::is_adapter_dir(&dir) {
             lora::load_adapter(&mut model, &dir, false)

@@ -56,8 +56,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let settings = TrainSettings::from_config(&cfg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
-    if settings.half_precision_requested {
-        eprintln!("note: bf16/fp16 were requested; on CPU axl computes in f32");
+    if let Some(note) = settings.precision_note {
+        eprintln!("note: {note}");
     }
     let hub = HubSettings::from_env();
     let overrides = args.model.overrides();

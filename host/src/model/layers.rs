@@ -3,6 +3,7 @@
 
 use std::sync::Mutex;
 
+use axl_kernels::Precision;
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -145,9 +146,15 @@ impl Linear {
         self.weight.tensor().dims()[0]
     }
 
-    /// Applies the layer to `x` of shape `[..., in]`. Dropout is drawn from `dropout` when given
-    /// (training); without it the adapter runs deterministically.
-    pub fn forward(&self, x: &Tensor, dropout: Option<&DropoutRng>) -> candle_core::Result<Tensor> {
+    /// Applies the layer to `x` of shape `[..., in]`, its products in `precision`. Dropout is
+    /// drawn from `dropout` when given (training); without it the adapter runs
+    /// deterministically.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        dropout: Option<&DropoutRng>,
+        precision: Precision,
+    ) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_features = *dims.last().expect("linear input has a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -169,6 +176,7 @@ impl Linear {
                 lora.b.tensor(),
                 lora.scale,
                 mask.as_ref(),
+                precision,
             )?;
             if let Some(bias) = &self.bias {
                 y = y.broadcast_add(bias.tensor())?;
@@ -176,8 +184,8 @@ impl Linear {
             return y.reshape(out_dims);
         }
         let mut y = match &self.weight {
-            Param::Frozen(w) => axl_kernels::linear::frozen(&flat, w)?,
-            Param::Trainable(w) => axl_kernels::linear::linear(&flat, w.as_tensor())?,
+            Param::Frozen(w) => axl_kernels::linear::frozen(&flat, w, precision)?,
+            Param::Trainable(w) => axl_kernels::linear::linear(&flat, w.as_tensor(), precision)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias.tensor())?;

@@ -18,6 +18,7 @@ pub mod save;
 pub mod tokenizer;
 pub mod transformer;
 
+pub use axl_kernels::Precision;
 pub use error::{ModelError, Result};
 pub use hf_config::{Architecture, ModelConfig};
 pub use layers::Param;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use axl_kernels::attention::{causal_attention, CausalMask, Scores};
 use axl_kernels::glu::{gated, GateActivation};
 use axl_kernels::rope::rope;
+use axl_kernels::Precision;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
@@ -204,6 +205,7 @@ pub struct CausalLm {
     rotary: ops::Rotary,
     dropout: Option<DropoutRng>,
     embedding_noise: Option<f64>,
+    precision: Precision,
     device: Device,
 }
 
@@ -473,6 +475,7 @@ impl CausalLm {
             lm_head,
             dropout: None,
             embedding_noise: None,
+            precision: Precision::F32,
             device: options.device.clone(),
             config,
         })
@@ -486,6 +489,11 @@ impl CausalLm {
     /// Turns training-time dropout on (with a seeded stream) or off.
     pub fn set_dropout(&mut self, seed: Option<u64>) {
         self.dropout = seed.map(DropoutRng::new);
+    }
+
+    /// The precision of every linear layer's products (f32 unless set).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// NEFTune (arXiv 2310.05914): while training (dropout on), adds noise uniform in
@@ -678,7 +686,9 @@ impl CausalLm {
 
     /// Logits `[batch, len, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.forward(hidden, self.dropout.as_ref())?;
+        let logits = self
+            .lm_head
+            .forward(hidden, self.dropout.as_ref(), self.precision)?;
         Ok(match self.config.final_logit_softcapping {
             Some(cap) => ops::soft_cap(&logits, cap)?,
             None => logits,
@@ -726,9 +736,9 @@ impl CausalLm {
         let dropout = self.dropout.as_ref();
         // Heads stay in the layout the projections produce, [batch, len, heads, head_dim].
         let split = |t: Tensor, n: usize| t.reshape((batch, len, n, d));
-        let mut q = split(attn.q_proj.forward(x, dropout)?, heads)?;
-        let mut k = split(attn.k_proj.forward(x, dropout)?, kv_heads)?;
-        let mut v = split(attn.v_proj.forward(x, dropout)?, kv_heads)?;
+        let mut q = split(attn.q_proj.forward(x, dropout, self.precision)?, heads)?;
+        let mut k = split(attn.k_proj.forward(x, dropout, self.precision)?, kv_heads)?;
+        let mut v = split(attn.v_proj.forward(x, dropout, self.precision)?, kv_heads)?;
         if let Some(n) = &attn.q_norm {
             q = n.forward(&q)?;
         }
@@ -745,19 +755,19 @@ impl CausalLm {
             softcap: c.attn_logit_softcapping,
         };
         let out = causal_attention(&q, &k, &v, mask, scores)?.reshape((batch, len, heads * d))?;
-        Ok(attn.o_proj.forward(&out, dropout)?)
+        Ok(attn.o_proj.forward(&out, dropout, self.precision)?)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
         let dropout = self.dropout.as_ref();
-        let gate = mlp.gate_proj.forward(x, dropout)?;
-        let up = mlp.up_proj.forward(x, dropout)?;
+        let gate = mlp.gate_proj.forward(x, dropout, self.precision)?;
+        let up = mlp.up_proj.forward(x, dropout, self.precision)?;
         let hidden = match mlp.activation {
             Activation::Silu => gated(&gate, &up, GateActivation::Silu)?,
             Activation::GeluTanh => gated(&gate, &up, GateActivation::GeluTanh)?,
             Activation::GeluErf => (gate.gelu_erf()? * up)?,
         };
-        Ok(mlp.down_proj.forward(&hidden, dropout)?)
+        Ok(mlp.down_proj.forward(&hidden, dropout, self.precision)?)
     }
 
     /// Every linear layer, with its module path.

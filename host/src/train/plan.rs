@@ -6,7 +6,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::training::BoolOrAuto;
+use axl_kernels::Precision;
+
+use crate::config::training::{BoolOrAuto, TrainingConfig};
 use crate::config::AxlConfig;
 use crate::data::example::Tokenized;
 use crate::data::packing::{pack_first_fit_decreasing, Batch};
@@ -73,8 +75,10 @@ pub struct TrainSettings {
     pub save_off: bool,
     /// `save_total_limit`.
     pub save_total_limit: Option<usize>,
-    /// Whether the configuration asked for bf16 or fp16 compute, which the CPU runs in f32.
-    pub half_precision_requested: bool,
+    /// The precision of the linear layers' products: bf16 with `bf16: true`.
+    pub precision: Precision,
+    /// What to tell the user about a requested precision the CPU computes in f32.
+    pub precision_note: Option<&'static str>,
     /// NEFTune's alpha.
     pub embedding_noise_alpha: Option<f64>,
     /// Recompute each decoder layer's activations in the backward pass.
@@ -99,6 +103,7 @@ impl TrainSettings {
         let schedule = ScheduleKind::parse(&t.lr_scheduler)
             .ok_or_else(|| format!("lr_scheduler `{}` is not implemented", t.lr_scheduler))?;
         let defaults = OptimizerSettings::default();
+        let (precision, precision_note) = precision(t)?;
         Ok(Self {
             micro_batch_size: c.micro_batch_size,
             gradient_accumulation_steps: t.gradient_accumulation_steps,
@@ -132,12 +137,35 @@ impl TrainSettings {
             saves_per_epoch: t.saves_per_epoch,
             save_off: t.save_strategy.as_deref() == Some("no"),
             save_total_limit: t.save_total_limit,
-            half_precision_requested: t.fp16 == Some(true)
-                || t.bf16 == Some(BoolOrAuto::Bool(true)),
+            precision,
+            precision_note,
             embedding_noise_alpha: t.noisy_embedding_alpha.or(t.neftune_noise_alpha),
             gradient_checkpointing: t.gradient_checkpointing == Some(BoolOrAuto::Bool(true)),
         })
     }
+}
+
+/// The products' precision that `bf16` and `fp16` ask for, and a note where the CPU computes
+/// in f32 instead. `bf16: true` needs AVX-512 BF16, as Axolotl's needs a bf16-capable GPU.
+fn precision(t: &TrainingConfig) -> Result<(Precision, Option<&'static str>), String> {
+    if t.bf16 == Some(BoolOrAuto::Bool(true)) {
+        if !Precision::bf16_available() {
+            return Err(
+                "bf16: true needs a CPU with AVX-512 BF16, which this one lacks; \
+                        set bf16: false to train in f32"
+                    .into(),
+            );
+        }
+        return Ok((Precision::Bf16, None));
+    }
+    let note = if t.fp16 == Some(true) {
+        Some("fp16: true: on CPU axl computes in f32 (bf16: true computes linear layers in bf16)")
+    } else if matches!(t.bf16, Some(BoolOrAuto::Text(_))) {
+        Some("bf16: auto: on CPU axl computes in f32 (bf16: true computes linear layers in bf16)")
+    } else {
+        None
+    };
+    Ok((Precision::F32, note))
 }
 
 /// Splits examples into training and evaluation sets: `val_set_size` below 1 is a fraction

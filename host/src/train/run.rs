@@ -223,6 +223,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
     }
     let mut metrics = Metrics::open(inputs.output_dir, progress.global_step)?;
     model.set_embedding_noise(settings.embedding_noise_alpha);
+    model.set_precision(settings.precision);
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
     log(&format!(

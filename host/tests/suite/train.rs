@@ -691,3 +691,56 @@ fn reinit_weights_starts_from_seeded_fresh_weights() {
         "first loss {first_loss}"
     );
 }
+
+/// `bf16: true` trains with the linear layers' products in bf16: the losses follow the f32
+/// run's to bf16's precision without being identical to them. A CPU without AVX-512 BF16 is
+/// told so before anything is loaded; `bf16: auto` says that it means f32.
+#[test]
+fn bf16_trains_close_to_f32_and_auto_says_it_means_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, precision: &str| {
+        let run_dir = dir.path().join(name);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let config = training_config(
+            &run_dir,
+            &format!("pad_to_sequence_len: true\nmax_steps: 4\n{precision}"),
+        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+            .args(["train", config.to_str().unwrap(), "--output-dir"])
+            .arg(run_dir.join("out"))
+            .output()
+            .unwrap();
+        (out, run_dir.join("out"))
+    };
+    let (f32_run, f32_dir) = run("f32", "");
+    assert!(f32_run.status.success());
+    let (auto_run, _) = run("auto", "bf16: auto\n");
+    assert!(auto_run.status.success());
+    let said = String::from_utf8_lossy(&auto_run.stderr);
+    assert!(
+        said.contains("bf16: auto: on CPU axl computes in f32"),
+        "{said}"
+    );
+    let (bf16_run, bf16_dir) = run("bf16", "bf16: true\n");
+    let said = String::from_utf8_lossy(&bf16_run.stderr);
+    if !axl::model::Precision::bf16_available() {
+        assert!(!bf16_run.status.success());
+        assert!(
+            said.contains("config.yml: bf16: true needs a CPU with AVX-512 BF16"),
+            "{said}"
+        );
+        return;
+    }
+    assert!(bf16_run.status.success(), "{said}");
+    let (exact, rounded) = (step_losses(&f32_dir), step_losses(&bf16_dir));
+    assert_eq!(exact.len(), 4);
+    assert_eq!(rounded.len(), 4);
+    let mut largest = 0f64;
+    for (a, b) in exact.iter().zip(&rounded) {
+        largest = largest.max((a.1 - b.1).abs() / a.1.abs());
+    }
+    assert!(
+        largest > 1e-7 && largest < 1e-2,
+        "bf16 losses off f32 by {largest}: {exact:?} {rounded:?}"
+    );
+}
