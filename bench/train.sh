@@ -2,11 +2,12 @@
 # The trainer benchmark: training steps (forward, backward, clipping, AdamW) on random tokens,
 # sequence 512, f32, 2 threads, for the "tiny" shape (hidden 256, intermediate 688, 4 layers,
 # 8/4 heads, vocab 8192, micro batch 2) and the "smol" shape (SmolLM2-135M, micro batch 1),
-# full fine-tuning and LoRA r=16 on all linear layers. axl runs its trainer's step
-# (`axl-bench-model train`); with PEER_PYTHON (a Python with torch, transformers and peft) the
-# plain PyTorch peer runs the same rows in the same run (bench/peer_train.py), plus its bf16
-# autocast row for smol LoRA; with AXOLOTL (an Axolotl 0.21 `axolotl` executable) Axolotl itself
-# runs tiny LoRA (bench/axolotl_train.sh). Prints tokens/s and peak RSS with axl/peer ratios.
+# full fine-tuning and LoRA r=16 on all linear layers, and LoRA again in bf16. axl runs its
+# trainer's step (`axl-bench-model train`, `--bf16` as `bf16: true`); with PEER_PYTHON (a
+# Python with torch, transformers and peft) the plain PyTorch peer runs the same rows in the
+# same run (bench/peer_train.py, bf16 under torch.autocast); with AXOLOTL (an Axolotl 0.21
+# `axolotl` executable) Axolotl itself runs tiny LoRA (bench/axolotl_train.sh). Prints tokens/s
+# and peak RSS with axl/peer ratios.
 #
 #   PEER_PYTHON=/venv/bin/python AXOLOTL=/venv/bin/axolotl STEPS=4 REPEAT=3 bash bench/train.sh
 set -euo pipefail
@@ -23,11 +24,9 @@ row() { # shape mode [--bf16]
   local steps=$STEPS out
   [ "$1" = tiny ] && steps=$((STEPS * 5))
   for _ in $(seq "$REPEAT"); do
-    if [ "${3:-}" != "--bf16" ]; then
-      out=$(target/release/axl-bench-model train --shape "$1" --mode "$2" --steps "$steps")
-      echo "axl  $out" >&2
-      printf '%s\taxl\t%s\n' "$1 $2" "$out" >> "$results"
-    fi
+    out=$(target/release/axl-bench-model train --shape "$1" --mode "$2" --steps "$steps" ${3:-})
+    echo "axl  $out" >&2
+    printf '%s\taxl\t%s\n' "$1 $2${3:+ bf16}" "$out" >> "$results"
     if [ -n "${PEER_PYTHON:-}" ]; then
       out=$("$PEER_PYTHON" bench/peer_train.py --shape "$1" --mode "$2" --steps "$steps" --threads 2 ${3:-} 2>/dev/null)
       echo "peer $out" >&2
@@ -39,7 +38,10 @@ row tiny full
 row tiny lora
 row smol full
 row smol lora
-[ -n "${PEER_PYTHON:-}" ] && row smol lora --bf16
+# bf16: axl's `bf16: true` (linear layers' products in bf16, f32 sums) against the peer under
+# torch.autocast(bfloat16); both need AVX-512 BF16 to gain anything.
+row tiny lora --bf16
+row smol lora --bf16
 if [ -n "${AXOLOTL:-}" ]; then
   axolotl=$(STEPS=$((STEPS * 5)) bash bench/axolotl_train.sh)
   echo "axolotl $axolotl" >&2
