@@ -92,45 +92,101 @@ unsafe fn pack(
                 }
             }
         }
+    } else if ks == 1 {
+        // Each line's k values adjacent: 16 lines × 16 pairs at a time, converted, then
+        // transposed in registers so that each pair's lines are stored together.
+        let group = width.min(16);
+        for panel in 0..panels {
+            let panel_lines = width.min(lines - panel * width);
+            let panel_out = out.as_mut_ptr().add(panel * pairs * width);
+            for g in (0..width).step_by(group) {
+                let present = panel_lines.saturating_sub(g).min(group);
+                for k in (0..depth).step_by(32) {
+                    let left = depth - k;
+                    let mut rows = [_mm512_setzero_si512(); 16];
+                    for (l, row) in rows.iter_mut().enumerate().take(present) {
+                        let start = src.offset((panel * width + g + l) as isize * ls + k as isize);
+                        let low = _mm512_maskz_loadu_ps(first_lanes(left), start);
+                        let high = _mm512_maskz_loadu_ps(
+                            first_lanes(left.saturating_sub(16)),
+                            start.add(16),
+                        );
+                        *row = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+                            high, low,
+                        ));
+                    }
+                    let first_pair = k / 2;
+                    let columns = transpose(rows);
+                    for (i, column) in columns.iter().enumerate().take(pairs - first_pair) {
+                        let at = panel_out.add((first_pair + i) * width + g);
+                        _mm512_mask_storeu_epi32(at as *mut i32, first_lanes(group), *column);
+                    }
+                }
+            }
+        }
     } else {
-        // Each line along k: 32 elements (16 pairs) at a time, each pair to its line's slot.
+        // Neither lines nor k adjacent: one element at a time.
         out[..panels * pairs * width].fill(0);
-        let mut converted = [0u32; 16];
-        let mut gathered = [0f32; 32];
         for line in 0..lines {
             let start = src.offset(line as isize * ls);
             let at = out
                 .as_mut_ptr()
                 .add((line / width) * pairs * width + line % width);
-            for k in (0..depth).step_by(32) {
-                let left = depth - k;
-                let (low, high) = if ks == 1 {
-                    (
-                        _mm512_maskz_loadu_ps(first_lanes(left), start.add(k)),
-                        _mm512_maskz_loadu_ps(
-                            first_lanes(left.saturating_sub(16)),
-                            start.add(k + 16),
-                        ),
-                    )
+            for pair in 0..pairs {
+                let k = 2 * pair;
+                let even = *start.offset(k as isize * ks);
+                let odd = if k + 1 < depth {
+                    *start.offset((k + 1) as isize * ks)
                 } else {
-                    gathered.fill(0.0);
-                    for (i, g) in gathered.iter_mut().enumerate().take(left) {
-                        *g = *start.offset((k + i) as isize * ks);
-                    }
-                    (
-                        _mm512_loadu_ps(gathered.as_ptr()),
-                        _mm512_loadu_ps(gathered.as_ptr().add(16)),
-                    )
+                    0.0
                 };
-                let bf16: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
-                _mm512_storeu_si512(converted.as_mut_ptr() as *mut __m512i, bf16);
-                let first_pair = k / 2;
-                for (i, &pair) in converted.iter().enumerate().take(pairs - first_pair) {
-                    *at.add((first_pair + i) * width) = pair;
-                }
+                *at.add(pair * width) = u32::from(to_bf16(even)) | u32::from(to_bf16(odd)) << 16;
             }
         }
     }
+}
+
+/// Rounds an f32 to bf16 (to nearest even; NaN stays NaN), as the bits of the bf16.
+fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// The transpose of a 16 × 16 matrix of 32-bit elements, one row per register.
+#[target_feature(enable = "avx512f")]
+fn transpose(rows: [__m512i; 16]) -> [__m512i; 16] {
+    // Pairs of rows interleaved by element, then by pairs of elements: afterwards register
+    // 4q + j holds, in each 128-bit lane L, element 4L + j of rows 4q..4q+4.
+    let mut by_two = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        by_two[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+        by_two[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+    }
+    let mut by_four = [_mm512_setzero_si512(); 16];
+    for q in 0..4 {
+        let (low, high) = (by_two[4 * q], by_two[4 * q + 1]);
+        let (low2, high2) = (by_two[4 * q + 2], by_two[4 * q + 3]);
+        by_four[4 * q] = _mm512_unpacklo_epi64(low, low2);
+        by_four[4 * q + 1] = _mm512_unpackhi_epi64(low, low2);
+        by_four[4 * q + 2] = _mm512_unpacklo_epi64(high, high2);
+        by_four[4 * q + 3] = _mm512_unpackhi_epi64(high, high2);
+    }
+    // Then whole 128-bit lanes: lanes 0 and 2, or 1 and 3, of two registers.
+    let mut columns = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let even_lanes_top = _mm512_shuffle_i32x4::<0x88>(by_four[j], by_four[4 + j]);
+        let odd_lanes_top = _mm512_shuffle_i32x4::<0xdd>(by_four[j], by_four[4 + j]);
+        let even_lanes_bottom = _mm512_shuffle_i32x4::<0x88>(by_four[8 + j], by_four[12 + j]);
+        let odd_lanes_bottom = _mm512_shuffle_i32x4::<0xdd>(by_four[8 + j], by_four[12 + j]);
+        columns[j] = _mm512_shuffle_i32x4::<0x88>(even_lanes_top, even_lanes_bottom);
+        columns[j + 8] = _mm512_shuffle_i32x4::<0xdd>(even_lanes_top, even_lanes_bottom);
+        columns[j + 4] = _mm512_shuffle_i32x4::<0x88>(odd_lanes_top, odd_lanes_bottom);
+        columns[j + 12] = _mm512_shuffle_i32x4::<0xdd>(odd_lanes_top, odd_lanes_bottom);
+    }
+    columns
 }
 
 /// [`pack`] of the lines of `src` (line stride `rs`, k stride `cs`), four panels per task.

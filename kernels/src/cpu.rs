@@ -224,6 +224,18 @@ unsafe fn matmul_with(
     );
 }
 
+/// A buffer of `len` elements that `write` fills through the pointer it is given, without
+/// zeroing it first.
+///
+/// # Safety
+/// `write` must write every one of the `len` elements (a product that does not accumulate).
+pub(crate) unsafe fn fresh_product(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut buffer = Vec::with_capacity(len);
+    write(buffer.as_mut_ptr());
+    buffer.set_len(len);
+    buffer
+}
+
 /// A CPU tensor of `shape` holding `data`.
 pub(crate) fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &candle_core::Device::Cpu)

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{contiguous_f32, par_matmul_in, tensor, with_slices, Mat};
+use crate::cpu::{contiguous_f32, fresh_product, par_matmul_in, tensor, with_slices, Mat};
 use crate::Precision;
 
 fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
@@ -58,23 +58,24 @@ pub(crate) fn product(
     out: usize,
     precision: Precision,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; rows * out];
-    // SAFETY: contiguous row-major operands of the sizes given; y is fresh.
+    // SAFETY: contiguous row-major operands of the sizes given; the product overwrites every
+    // element of the fresh buffer.
     unsafe {
-        par_matmul_in(
-            precision,
-            rows,
-            out,
-            inp,
-            y.as_mut_ptr(),
-            out,
-            false,
-            Mat::rows(x.as_ptr(), inp),
-            Mat::rows(w.as_ptr(), inp).t(),
-            1.0,
-        );
+        fresh_product(rows * out, |y| {
+            par_matmul_in(
+                precision,
+                rows,
+                out,
+                inp,
+                y,
+                out,
+                false,
+                Mat::rows(x.as_ptr(), inp),
+                Mat::rows(w.as_ptr(), inp).t(),
+                1.0,
+            )
+        })
     }
-    y
 }
 
 /// `dy[rows, out] · W`, the gradient of the input.
@@ -86,23 +87,24 @@ pub(crate) fn input_gradient(
     out: usize,
     precision: Precision,
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; rows * inp];
-    // SAFETY: contiguous row-major operands of the sizes given; dx is fresh.
+    // SAFETY: contiguous row-major operands of the sizes given; the product overwrites every
+    // element of the fresh buffer.
     unsafe {
-        par_matmul_in(
-            precision,
-            rows,
-            inp,
-            out,
-            dx.as_mut_ptr(),
-            inp,
-            false,
-            Mat::rows(dy.as_ptr(), out),
-            Mat::rows(w.as_ptr(), inp),
-            1.0,
-        );
+        fresh_product(rows * inp, |dx| {
+            par_matmul_in(
+                precision,
+                rows,
+                inp,
+                out,
+                dx,
+                inp,
+                false,
+                Mat::rows(dy.as_ptr(), out),
+                Mat::rows(w.as_ptr(), inp),
+                1.0,
+            )
+        })
     }
-    dx
 }
 
 /// `dyᵀ · x`, the gradient of the weight, `[out, in]`.
@@ -114,23 +116,24 @@ fn weight_gradient(
     out: usize,
     precision: Precision,
 ) -> Vec<f32> {
-    let mut dw = vec![0f32; out * inp];
-    // SAFETY: contiguous row-major operands of the sizes given; dw is fresh.
+    // SAFETY: contiguous row-major operands of the sizes given; the product overwrites every
+    // element of the fresh buffer.
     unsafe {
-        par_matmul_in(
-            precision,
-            out,
-            inp,
-            rows,
-            dw.as_mut_ptr(),
-            inp,
-            false,
-            Mat::rows(dy.as_ptr(), out).t(),
-            Mat::rows(x.as_ptr(), inp),
-            1.0,
-        );
+        fresh_product(out * inp, |dw| {
+            par_matmul_in(
+                precision,
+                out,
+                inp,
+                rows,
+                dw,
+                inp,
+                false,
+                Mat::rows(dy.as_ptr(), out).t(),
+                Mat::rows(x.as_ptr(), inp),
+                1.0,
+            )
+        })
     }
-    dw
 }
 
 struct TrainedLinear {
