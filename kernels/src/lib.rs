@@ -1,7 +1,8 @@
 //! Fused training ops for axl's decoder on CPU, each with its own backward pass: causal
 //! attention that never stores the `[len, len]` probabilities, RMSNorm, the gated MLP
-//! activations (SwiGLU, GEGLU), rotary embeddings and the cross-entropy of a language-model
-//! head.
+//! activations (SwiGLU, GEGLU), rotary embeddings, the cross-entropy of a language-model
+//! head, and linear layers (trained, frozen, LoRA-adapted) whose products run in f32 or, on
+//! CPUs with AVX-512 BF16, in bf16 with f32 sums ([`Precision`]).
 //!
 //! A chain of candle primitives keeps every intermediate tensor for its backward pass and makes
 //! one pass over memory per primitive; each op here makes one or two passes and keeps only its
