@@ -48,8 +48,8 @@ fn first_lanes(n: usize) -> __mmask16 {
 /// `(k, k+1)` of the line as two bf16 in one `u32`. Missing lines and an odd last k are zero.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW and BF16; `src` must address every element named, and
-/// `out` must hold `lines.div_ceil(width) · depth.div_ceil(2) · width` pairs.
+/// The CPU must have AVX-512 F, BW and BF16; `ls` or `ks` must be 1; `src` must address every
+/// element named, and `out` must hold `lines.div_ceil(width) · depth.div_ceil(2) · width` pairs.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack(
     src: *const f32,
@@ -92,7 +92,8 @@ unsafe fn pack(
                 }
             }
         }
-    } else if ks == 1 {
+    } else {
+        debug_assert_eq!(ks, 1, "operands are row-major or transposed");
         // Each line's k values adjacent: 16 lines × 16 pairs at a time, converted, then
         // transposed in registers so that each pair's lines are stored together.
         let group = width.min(16);
@@ -124,35 +125,7 @@ unsafe fn pack(
                 }
             }
         }
-    } else {
-        // Neither lines nor k adjacent: one element at a time.
-        out[..panels * pairs * width].fill(0);
-        for line in 0..lines {
-            let start = src.offset(line as isize * ls);
-            let at = out
-                .as_mut_ptr()
-                .add((line / width) * pairs * width + line % width);
-            for pair in 0..pairs {
-                let k = 2 * pair;
-                let even = *start.offset(k as isize * ks);
-                let odd = if k + 1 < depth {
-                    *start.offset((k + 1) as isize * ks)
-                } else {
-                    0.0
-                };
-                *at.add(pair * width) = u32::from(to_bf16(even)) | u32::from(to_bf16(odd)) << 16;
-            }
-        }
     }
-}
-
-/// Rounds an f32 to bf16 (to nearest even; NaN stays NaN), as the bits of the bf16.
-fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 /// The transpose of a 16 × 16 matrix of 32-bit elements, one row per register.
@@ -256,8 +229,8 @@ unsafe fn micro_kernel(
 /// added to it.
 ///
 /// # Safety
-/// [`available`] must be true; `dst`, `a` and `b` must address valid memory for the sizes and
-/// strides given, and `dst` must not overlap `a` or `b` nor be used by anyone else meanwhile.
+/// [`available`] must be true; `m`, `n` and `k` must not be 0; `dst`, `a` and `b` must address
+/// valid memory for the sizes and strides given, and `dst` must not overlap `a` or `b` nor be used by anyone else meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul(
     m: usize,
@@ -270,14 +243,7 @@ pub(crate) unsafe fn matmul(
     b: Mat,
     scale: f32,
 ) {
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
-            }
-        }
-        return;
-    }
+    debug_assert!(m > 0 && n > 0 && k > 0, "empty products are the caller's");
     let dst = SharedMut(dst);
     let depth_blocks = k.div_ceil(KC);
     let kc = k.div_ceil(depth_blocks).next_multiple_of(2);

@@ -224,15 +224,23 @@ unsafe fn matmul_with(
     );
 }
 
-/// A buffer of `len` elements that `write` fills through the pointer it is given, without
-/// zeroing it first.
+/// A new row-major `m×n` buffer holding `a[m×k] · b[k×n]` in `precision` ([`par_matmul_in`]),
+/// written by the product without being zeroed first.
 ///
 /// # Safety
-/// `write` must write every one of the `len` elements (a product that does not accumulate).
-pub(crate) unsafe fn fresh_product(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
-    let mut buffer = Vec::with_capacity(len);
-    write(buffer.as_mut_ptr());
-    buffer.set_len(len);
+/// `a` and `b` must address valid memory for the sizes and strides given.
+pub(crate) unsafe fn new_product(
+    precision: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+) -> Vec<f32> {
+    let mut buffer = Vec::with_capacity(m * n);
+    par_matmul_in(precision, m, n, k, buffer.as_mut_ptr(), n, false, a, b, 1.0);
+    // A product that does not accumulate writes every element.
+    buffer.set_len(m * n);
     buffer
 }
 

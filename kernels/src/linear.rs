@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{contiguous_f32, fresh_product, par_matmul_in, tensor, with_slices, Mat};
+use crate::cpu::{contiguous_f32, new_product, tensor, with_slices, Mat};
 use crate::Precision;
 
 fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
@@ -58,23 +58,16 @@ pub(crate) fn product(
     out: usize,
     precision: Precision,
 ) -> Vec<f32> {
-    // SAFETY: contiguous row-major operands of the sizes given; the product overwrites every
-    // element of the fresh buffer.
+    // SAFETY: contiguous row-major operands of the sizes given.
     unsafe {
-        fresh_product(rows * out, |y| {
-            par_matmul_in(
-                precision,
-                rows,
-                out,
-                inp,
-                y,
-                out,
-                false,
-                Mat::rows(x.as_ptr(), inp),
-                Mat::rows(w.as_ptr(), inp).t(),
-                1.0,
-            )
-        })
+        new_product(
+            precision,
+            rows,
+            out,
+            inp,
+            Mat::rows(x.as_ptr(), inp),
+            Mat::rows(w.as_ptr(), inp).t(),
+        )
     }
 }
 
@@ -87,23 +80,16 @@ pub(crate) fn input_gradient(
     out: usize,
     precision: Precision,
 ) -> Vec<f32> {
-    // SAFETY: contiguous row-major operands of the sizes given; the product overwrites every
-    // element of the fresh buffer.
+    // SAFETY: contiguous row-major operands of the sizes given.
     unsafe {
-        fresh_product(rows * inp, |dx| {
-            par_matmul_in(
-                precision,
-                rows,
-                inp,
-                out,
-                dx,
-                inp,
-                false,
-                Mat::rows(dy.as_ptr(), out),
-                Mat::rows(w.as_ptr(), inp),
-                1.0,
-            )
-        })
+        new_product(
+            precision,
+            rows,
+            inp,
+            out,
+            Mat::rows(dy.as_ptr(), out),
+            Mat::rows(w.as_ptr(), inp),
+        )
     }
 }
 
@@ -116,23 +102,16 @@ fn weight_gradient(
     out: usize,
     precision: Precision,
 ) -> Vec<f32> {
-    // SAFETY: contiguous row-major operands of the sizes given; the product overwrites every
-    // element of the fresh buffer.
+    // SAFETY: contiguous row-major operands of the sizes given.
     unsafe {
-        fresh_product(out * inp, |dw| {
-            par_matmul_in(
-                precision,
-                out,
-                inp,
-                rows,
-                dw,
-                inp,
-                false,
-                Mat::rows(dy.as_ptr(), out).t(),
-                Mat::rows(x.as_ptr(), inp),
-                1.0,
-            )
-        })
+        new_product(
+            precision,
+            out,
+            inp,
+            rows,
+            Mat::rows(dy.as_ptr(), out).t(),
+            Mat::rows(x.as_ptr(), inp),
+        )
     }
 }
 
