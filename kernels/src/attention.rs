@@ -14,7 +14,10 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32, exp_shifted_sum, matmul, tensor, with_slices, Mat, SharedMut};
+use crate::cpu::{
+    contiguous_f32, exp_shifted_sum, lane_max, matmul, tensor, with_slices, Mat, SharedMut,
+};
+use crate::vectorized;
 
 /// Queries per block: the scores of one block are `BLOCK × keys` floats.
 const BLOCK: usize = 64;
@@ -308,18 +311,20 @@ impl FusedAttention {
                 *s = cap * t;
             }
         }
-        for (r, row) in probs.chunks_mut(width).enumerate() {
-            let (lo, hi) = self.mask.key_range(b, i0 + r);
-            let (lo, hi) = (lo - first, hi.min(last) - first);
-            let visible = &mut row[lo..=hi];
-            let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = 1.0 / exp_shifted_sum(visible, max);
-            for s in visible.iter_mut() {
-                *s *= inv;
+        vectorized!({
+            for (r, row) in probs.chunks_mut(width).enumerate() {
+                let (lo, hi) = self.mask.key_range(b, i0 + r);
+                let (lo, hi) = (lo - first, hi.min(last) - first);
+                let visible = &mut row[lo..=hi];
+                let max = lane_max(visible);
+                let inv = 1.0 / exp_shifted_sum(visible, max);
+                for s in visible.iter_mut() {
+                    *s *= inv;
+                }
+                row[..lo].fill(0.0);
+                row[hi + 1..].fill(0.0);
             }
-            row[..lo].fill(0.0);
-            row[hi + 1..].fill(0.0);
-        }
+        });
         BlockProbs {
             first,
             width,
@@ -417,25 +422,25 @@ impl FusedAttention {
                         1.0,
                     );
                 }
-                for r in 0..rows {
-                    let at = d.q_offset(b, i0 + r, h);
-                    let dot: f32 = dout[at..at + hd]
-                        .iter()
-                        .zip(&o[at..at + hd])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    let row = r * width..(r + 1) * width;
-                    for ((g, p), j) in grad[row.clone()]
-                        .iter_mut()
-                        .zip(&probs[row])
-                        .zip(r * width..)
-                    {
-                        *g = p * (*g - dot);
+                vectorized!({
+                    for r in 0..rows {
+                        let at = d.q_offset(b, i0 + r, h);
+                        let dot: f32 = dout[at..at + hd]
+                            .iter()
+                            .zip(&o[at..at + hd])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let row = r * width..(r + 1) * width;
+                        for (g, p) in grad[row.clone()].iter_mut().zip(&probs[row.clone()]) {
+                            *g = p * (*g - dot);
+                        }
                         if !tanh.is_empty() {
-                            *g *= 1.0 - tanh[j] * tanh[j];
+                            for (g, t) in grad[row.clone()].iter_mut().zip(&tanh[row]) {
+                                *g *= 1.0 - t * t;
+                            }
                         }
                     }
-                }
+                });
                 let grad_m = Mat::rows(grad.as_ptr(), width);
                 let mut dk = vec![0f32; width * hd];
                 let mut dv = vec![0f32; width * hd];

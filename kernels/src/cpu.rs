@@ -3,6 +3,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
+use crate::vectorized;
 use crate::Precision;
 
 /// The f32 elements of a contiguous CPU operand.
@@ -280,13 +281,44 @@ pub(crate) fn exp(x: f32) -> f32 {
     f32::from_bits((e_r * scale).to_bits() & keep)
 }
 
+/// Lanes of the partial sums and maxima below: one AVX-512 vector of f32.
+const LANES: usize = 16;
+
 /// Replaces every `v` of `values` by `e^(v − shift)` and returns their sum.
 pub(crate) fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
-    for v in values.iter_mut() {
-        *v = exp(*v - shift);
-    }
-    let mut lanes = [0f32; 8];
-    let mut chunks = values.chunks_exact(8);
+    vectorized!({
+        for v in values.iter_mut() {
+            *v = exp(*v - shift);
+        }
+        lane_sum(values)
+    })
+}
+
+/// `Σ e^(v − shift)` over `values`.
+pub(crate) fn sum_exp_shifted(values: &[f32], shift: f32) -> f32 {
+    vectorized!({
+        let mut lanes = [0f32; LANES];
+        let mut chunks = values.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (lane, v) in lanes.iter_mut().zip(chunk) {
+                *lane += exp(v - shift);
+            }
+        }
+        lanes.iter().sum::<f32>()
+            + chunks
+                .remainder()
+                .iter()
+                .map(|v| exp(v - shift))
+                .sum::<f32>()
+    })
+}
+
+/// The sum of `values`, accumulated in [`LANES`] interleaved partial sums so that it
+/// vectorizes.
+#[inline(always)]
+pub(crate) fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (lane, v) in lanes.iter_mut().zip(chunk) {
             *lane += v;
@@ -295,21 +327,43 @@ pub(crate) fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// `Σ e^(v − shift)` over `values`.
-pub(crate) fn sum_exp_shifted(values: &[f32], shift: f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = values.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane += exp(v - shift);
+/// `Σ a·b` over paired elements, accumulated like [`lane_sum`].
+#[inline(always)]
+pub(crate) fn lane_sum_of_products(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [0f32; LANES];
+    let mut a_chunks = a.chunks_exact(LANES);
+    for (a, b) in (&mut a_chunks).zip(b.chunks_exact(LANES)) {
+        for ((lane, x), y) in lanes.iter_mut().zip(a).zip(b) {
+            *lane += x * y;
         }
     }
+    let tail = n - a_chunks.remainder().len();
     lanes.iter().sum::<f32>()
-        + chunks
-            .remainder()
+        + a[tail..]
             .iter()
-            .map(|v| exp(v - shift))
+            .zip(&b[tail..])
+            .map(|(x, y)| x * y)
             .sum::<f32>()
+}
+
+/// The largest of `values` (−∞ for none), over [`LANES`] interleaved maxima so that it
+/// vectorizes.
+#[inline(always)]
+pub(crate) fn lane_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v);
+        }
+    }
+    lanes
+        .iter()
+        .chain(chunks.remainder())
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[cfg(test)]

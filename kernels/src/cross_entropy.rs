@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32, exp, sum_exp_shifted, tensor, with_slices};
+use crate::cpu::{contiguous_f32, exp, lane_max, sum_exp_shifted, tensor, with_slices};
+use crate::vectorized;
 
 /// The target id of a row that is not counted (transformers' `-100`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -71,7 +72,7 @@ struct FusedCrossEntropy {
 }
 
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = vectorized!({ lane_max(row) });
     max + sum_exp_shifted(row, max).ln()
 }
 
@@ -115,9 +116,11 @@ impl CustomOp1 for FusedCrossEntropy {
                     if target == IGNORE_INDEX {
                         return;
                     }
-                    for (d, &x) in d.iter_mut().zip(x) {
-                        *d = scale * exp(x - lse[r]);
-                    }
+                    vectorized!({
+                        for (d, &x) in d.iter_mut().zip(x) {
+                            *d = scale * exp(x - lse[r]);
+                        }
+                    });
                     d[target as usize] -= scale;
                 });
             Ok(d)

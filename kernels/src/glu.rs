@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{contiguous_f32, exp, tensor, with_slices};
+use crate::vectorized;
 
 /// Elements per parallel task.
 const CHUNK: usize = 4096;
@@ -95,18 +96,22 @@ impl CustomOp2 for FusedGlu {
         let mut out = vec![0f32; gate.len()];
         out.par_chunks_mut(CHUNK)
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-            .for_each(|(out, (gate, up))| match self.activation {
-                // One loop per activation, so that each vectorizes.
-                GateActivation::Silu => {
-                    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                        *o = silu(g).0 * u;
+            .for_each(|(out, (gate, up))| {
+                vectorized!({
+                    match self.activation {
+                        // One loop per activation, so that each vectorizes.
+                        GateActivation::Silu => {
+                            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                                *o = silu(g).0 * u;
+                            }
+                        }
+                        GateActivation::GeluTanh => {
+                            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                                *o = self.act(g).0 * u;
+                            }
+                        }
                     }
-                }
-                GateActivation::GeluTanh => {
-                    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                        *o = self.act(g).0 * u;
-                    }
-                }
+                })
             });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
@@ -128,25 +133,27 @@ impl CustomOp2 for FusedGlu {
                 .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
                 .zip(grad.par_chunks(CHUNK))
                 .for_each(|(((d_gate, d_up), (gate, up)), grad)| {
-                    let n = gate.len();
-                    let (d_gate, d_up, up, grad) =
-                        (&mut d_gate[..n], &mut d_up[..n], &up[..n], &grad[..n]);
-                    match self.activation {
-                        GateActivation::Silu => {
-                            for i in 0..n {
-                                let (value, slope) = silu(gate[i]);
-                                d_gate[i] = grad[i] * up[i] * slope;
-                                d_up[i] = grad[i] * value;
+                    vectorized!({
+                        let n = gate.len();
+                        let (d_gate, d_up, up, grad) =
+                            (&mut d_gate[..n], &mut d_up[..n], &up[..n], &grad[..n]);
+                        match self.activation {
+                            GateActivation::Silu => {
+                                for i in 0..n {
+                                    let (value, slope) = silu(gate[i]);
+                                    d_gate[i] = grad[i] * up[i] * slope;
+                                    d_up[i] = grad[i] * value;
+                                }
+                            }
+                            GateActivation::GeluTanh => {
+                                for i in 0..n {
+                                    let (value, slope) = self.act(gate[i]);
+                                    d_gate[i] = grad[i] * up[i] * slope;
+                                    d_up[i] = grad[i] * value;
+                                }
                             }
                         }
-                        GateActivation::GeluTanh => {
-                            for i in 0..n {
-                                let (value, slope) = self.act(gate[i]);
-                                d_gate[i] = grad[i] * up[i] * slope;
-                                d_up[i] = grad[i] * value;
-                            }
-                        }
-                    }
+                    })
                 });
             Ok((d_gate, d_up))
         })?;

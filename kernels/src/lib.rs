@@ -24,6 +24,7 @@ pub mod linear;
 pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;
+pub mod simd;
 
 #[cfg(target_arch = "x86_64")]
 mod bf16_gemm;

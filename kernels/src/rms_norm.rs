@@ -5,7 +5,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32, tensor, with_slices};
+use crate::cpu::{contiguous_f32, lane_sum_of_products, tensor, with_slices};
+use crate::vectorized;
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -61,8 +62,9 @@ impl FusedRmsNorm {
         }
     }
 
+    #[inline(always)]
     fn inv_rms(&self, row: &[f32]) -> f32 {
-        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let mean_square = lane_sum_of_products(row, row) / row.len() as f32;
         1.0 / (mean_square + self.eps).sqrt()
     }
 }
@@ -86,12 +88,14 @@ impl CustomOp2 for FusedRmsNorm {
         out.par_chunks_mut(width * ROWS_PER_TASK)
             .zip(x.par_chunks(width * ROWS_PER_TASK))
             .for_each(|(out, x)| {
-                for (out, x) in out.chunks_mut(width).zip(x.chunks(width)) {
-                    let inv = self.inv_rms(x);
-                    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
-                        *o = v * inv * self.scale(w);
+                vectorized!({
+                    for (out, x) in out.chunks_mut(width).zip(x.chunks(width)) {
+                        let inv = self.inv_rms(x);
+                        for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+                            *o = v * inv * self.scale(w);
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
@@ -114,25 +118,28 @@ impl CustomOp2 for FusedRmsNorm {
                 .zip(x.par_chunks(width * ROWS_PER_TASK))
                 .zip(grad.par_chunks(width * ROWS_PER_TASK))
                 .map(|((dx, x), dy)| {
-                    let mut dw = vec![0f32; width];
-                    for ((dx, x), dy) in dx
-                        .chunks_mut(width)
-                        .zip(x.chunks(width))
-                        .zip(dy.chunks(width))
-                    {
-                        let inv = self.inv_rms(x);
-                        let mut dot = 0f32;
-                        for (((&x, &dy), &w), dw) in x.iter().zip(dy).zip(w).zip(dw.iter_mut()) {
-                            let n = x * inv;
-                            *dw += dy * n;
-                            dot += dy * self.scale(w) * n;
+                    vectorized!({
+                        let mut dw = vec![0f32; width];
+                        for ((dx, x), dy) in dx
+                            .chunks_mut(width)
+                            .zip(x.chunks(width))
+                            .zip(dy.chunks(width))
+                        {
+                            let inv = self.inv_rms(x);
+                            let mut dot = 0f32;
+                            for (((&x, &dy), &w), dw) in x.iter().zip(dy).zip(w).zip(dw.iter_mut())
+                            {
+                                let n = x * inv;
+                                *dw += dy * n;
+                                dot += dy * self.scale(w) * n;
+                            }
+                            let mean = dot / width as f32;
+                            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                                *dx = inv * (dy * self.scale(w) - x * inv * mean);
+                            }
                         }
-                        let mean = dot / width as f32;
-                        for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                            *dx = inv * (dy * self.scale(w) - x * inv * mean);
-                        }
-                    }
-                    dw
+                        dw
+                    })
                 })
                 .collect::<Vec<_>>()
                 .into_iter()

@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::cpu::{contiguous_f32, tensor, with_slices};
+use crate::vectorized;
 
 /// Rotates `x` `[batch, len, heads, head_dim]` by the angles whose cosines and sines are
 /// `cos` and `sin`: `[len, head_dim]` for every row, or `[batch, len, head_dim]` per row
@@ -77,26 +78,28 @@ impl FusedRope {
             .zip(x.par_chunks(row_len))
             .enumerate()
             .for_each(|(token, (out, x))| {
-                let (b, i) = (token / len, token % len);
-                let at = if self.per_row {
-                    (b * len + i) * dim
-                } else {
-                    i * dim
-                };
-                let (cos, sin) = (&cos[at..at + dim], &sin[at..at + dim]);
-                for (out, x) in out.chunks_mut(dim).zip(x.chunks(dim)) {
-                    for c in 0..half {
-                        let (x1, x2) = (x[c], x[c + half]);
-                        if inverse {
-                            // The transpose of y = x·cos + rotate_half(x)·sin.
-                            out[c] = x1 * cos[c] + x2 * sin[c + half];
-                            out[c + half] = x2 * cos[c + half] - x1 * sin[c];
-                        } else {
-                            out[c] = x1 * cos[c] - x2 * sin[c];
-                            out[c + half] = x2 * cos[c + half] + x1 * sin[c + half];
+                vectorized!({
+                    let (b, i) = (token / len, token % len);
+                    let at = if self.per_row {
+                        (b * len + i) * dim
+                    } else {
+                        i * dim
+                    };
+                    let (cos, sin) = (&cos[at..at + dim], &sin[at..at + dim]);
+                    for (out, x) in out.chunks_mut(dim).zip(x.chunks(dim)) {
+                        for c in 0..half {
+                            let (x1, x2) = (x[c], x[c + half]);
+                            if inverse {
+                                // The transpose of y = x·cos + rotate_half(x)·sin.
+                                out[c] = x1 * cos[c] + x2 * sin[c + half];
+                                out[c + half] = x2 * cos[c + half] - x1 * sin[c];
+                            } else {
+                                out[c] = x1 * cos[c] - x2 * sin[c];
+                                out[c + half] = x2 * cos[c + half] + x1 * sin[c + half];
+                            }
                         }
                     }
-                }
+                })
             });
         debug_assert_eq!(out.len(), batch * len * row_len);
         Ok(out)

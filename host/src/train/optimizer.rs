@@ -6,6 +6,12 @@
 
 use std::collections::BTreeMap;
 
+use axl_kernels::vectorized;
+use rayon::prelude::*;
+
+/// Elements per parallel task of an update.
+const CHUNK: usize = 1 << 16;
+
 /// Which update rule.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OptimizerKind {
@@ -133,23 +139,36 @@ impl Optimizer {
                 let step_size = (lr / bc1) as f32;
                 let decay = (1.0 - lr * wd) as f32;
                 let eps = s.epsilon as f32;
-                for (((p, g), m), v) in param
-                    .iter_mut()
-                    .zip(grad)
-                    .zip(&mut state.first)
-                    .zip(&mut state.second)
-                {
-                    *p *= decay;
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                }
+                param
+                    .par_chunks_mut(CHUNK)
+                    .zip(grad.par_chunks(CHUNK))
+                    .zip(state.first.par_chunks_mut(CHUNK))
+                    .zip(state.second.par_chunks_mut(CHUNK))
+                    .for_each(|(((param, grad), first), second)| {
+                        vectorized!({
+                            for (((p, g), m), v) in
+                                param.iter_mut().zip(grad).zip(first).zip(second)
+                            {
+                                *p *= decay;
+                                *m = b1 * *m + (1.0 - b1) * g;
+                                *v = b2 * *v + (1.0 - b2) * g * g;
+                                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                            }
+                        })
+                    });
             }
             OptimizerKind::Sgd => {
                 let (lr, wd) = (lr as f32, wd as f32);
-                for (p, g) in param.iter_mut().zip(grad) {
-                    *p -= lr * (g + wd * *p);
-                }
+                param
+                    .par_chunks_mut(CHUNK)
+                    .zip(grad.par_chunks(CHUNK))
+                    .for_each(|(param, grad)| {
+                        vectorized!({
+                            for (p, g) in param.iter_mut().zip(grad) {
+                                *p -= lr * (g + wd * *p);
+                            }
+                        })
+                    });
             }
             OptimizerKind::Lion => {
                 if state.first.is_empty() {
@@ -158,14 +177,22 @@ impl Optimizer {
                 let (b1, b2) = (s.beta1 as f32, s.beta2 as f32);
                 let decay = (1.0 - lr * wd) as f32;
                 let lr = lr as f32;
-                for ((p, g), m) in param.iter_mut().zip(grad).zip(&mut state.first) {
-                    *p *= decay;
-                    let c = b1 * *m + (1.0 - b1) * g;
-                    if c != 0.0 {
-                        *p -= lr * c.signum();
-                    }
-                    *m = b2 * *m + (1.0 - b2) * g;
-                }
+                param
+                    .par_chunks_mut(CHUNK)
+                    .zip(grad.par_chunks(CHUNK))
+                    .zip(state.first.par_chunks_mut(CHUNK))
+                    .for_each(|((param, grad), first)| {
+                        vectorized!({
+                            for ((p, g), m) in param.iter_mut().zip(grad).zip(first) {
+                                *p *= decay;
+                                let c = b1 * *m + (1.0 - b1) * g;
+                                if c != 0.0 {
+                                    *p -= lr * c.signum();
+                                }
+                                *m = b2 * *m + (1.0 - b2) * g;
+                            }
+                        })
+                    });
             }
             OptimizerKind::Adafactor => adafactor(state, shape, param, grad, lr, wd, step),
         }
