@@ -3,6 +3,7 @@
 //! backward pass writes `softmax(x) − onehot(target)` straight into the gradient, with no
 //! vocabulary-sized intermediates besides it.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
@@ -18,9 +19,9 @@ pub const IGNORE_INDEX: i64 = -100;
 const ROWS_PER_TASK: usize = 4;
 
 /// `Σ −log softmax(logits[r])[targets[r]]` over the rows `r` whose target is not
-/// [`IGNORE_INDEX`], as a scalar. `logits` is `[rows, vocab]`.
+/// [`IGNORE_INDEX`], as a scalar. `logits` is `[..., vocab]`, its leading dimensions the rows.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
-    let (rows, vocab) = logits.dims2()?;
+    let (rows, vocab) = crate::linear::rows_and_features(logits.shape())?;
     if targets.len() != rows {
         candle_core::bail!("cross_entropy: {} targets for {rows} rows", targets.len());
     }
@@ -43,7 +44,8 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
 
 /// The same loss composed of differentiable candle primitives.
 pub fn reference(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
-    let rows = logits.dim(0)?;
+    let (rows, vocab) = crate::linear::rows_and_features(logits.shape())?;
+    let logits = &logits.reshape((rows, vocab))?;
     let device = logits.device();
     let picked_ids: Vec<u32> = targets.iter().map(|&t| t.max(0) as u32).collect();
     let weights: Vec<f32> = targets
@@ -83,7 +85,7 @@ impl CustomOp1 for FusedCrossEntropy {
 
     fn cpu_fwd(&self, logits: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let logits = contiguous_f32(logits, layout, self.name())?;
-        let (_, vocab) = layout.shape().dims2()?;
+        let (_, vocab) = crate::linear::rows_and_features(layout.shape())?;
         let lse: Vec<f32> = logits
             .par_chunks(vocab)
             .with_min_len(ROWS_PER_TASK)
@@ -104,25 +106,32 @@ impl CustomOp1 for FusedCrossEntropy {
     fn bwd(&self, logits: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let lse = self.log_sum_exp.lock().unwrap_or_else(|e| e.into_inner());
-        let (_, vocab) = logits.dims2()?;
+        let (_, vocab) = crate::linear::rows_and_features(logits.shape())?;
         let d_logits = with_slices(&[logits], self.name(), |s| {
-            let mut d = vec![0f32; s[0].len()];
-            d.par_chunks_mut(vocab)
+            let len = s[0].len();
+            let mut d: Vec<f32> = Vec::with_capacity(len);
+            d.spare_capacity_mut()[..len]
+                .par_chunks_mut(vocab)
                 .with_min_len(ROWS_PER_TASK)
                 .zip(s[0].par_chunks(vocab))
                 .enumerate()
                 .for_each(|(r, (d, x))| {
                     let target = self.targets[r];
                     if target == IGNORE_INDEX {
+                        d.fill(MaybeUninit::new(0.0));
                         return;
                     }
+                    let shift = lse[r];
                     vectorized!({
                         for (d, &x) in d.iter_mut().zip(x) {
-                            *d = scale * exp(x - lse[r]);
+                            d.write(scale * exp(x - shift));
                         }
                     });
-                    d[target as usize] -= scale;
+                    d[target as usize] =
+                        MaybeUninit::new(scale * exp(x[target as usize] - shift) - scale);
                 });
+            // SAFETY: every row was written above, ignored rows with zeros.
+            unsafe { d.set_len(len) };
             Ok(d)
         })?;
         Ok(Some(tensor(d_logits, logits.dims())?))

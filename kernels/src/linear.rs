@@ -12,7 +12,7 @@ use crate::cpu::{contiguous_f32, new_product, tensor, with_slices, Mat};
 use crate::Precision;
 
 fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
-    let (_, inp) = x.dims2()?;
+    let (_, inp) = rows_and_features(x.shape())?;
     let (_, w_in) = weight.dims2()?;
     if w_in != inp {
         candle_core::bail!("linear: input has {inp} features, weight expects {w_in}");
@@ -20,8 +20,27 @@ fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `x·Wᵀ` for `x` `[rows, in]` and a trained `weight` `[out, in]`, its products (forward and
-/// backward) in `precision`.
+/// The rows and features of an input `[..., features]`: the leading dimensions flattened.
+pub(crate) fn rows_and_features(shape: &Shape) -> Result<(usize, usize)> {
+    match shape.dims().split_last() {
+        Some((&features, leading)) if !leading.is_empty() => {
+            Ok((leading.iter().product(), features))
+        }
+        _ => candle_core::bail!("input {shape:?} needs at least two dimensions: rows and features"),
+    }
+}
+
+/// `shape` with its last dimension replaced by `features`.
+pub(crate) fn with_features(shape: &Shape, features: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = features;
+    }
+    Shape::from(dims)
+}
+
+/// `x·Wᵀ` for `x` `[..., in]` and a trained `weight` `[out, in]` (giving `[..., out]`), its
+/// products (forward and backward) in `precision`.
 pub fn linear(x: &Tensor, weight: &Tensor, precision: Precision) -> Result<Tensor> {
     check(x, weight)?;
     if !crate::fused_applies(&[x, weight]) {
@@ -31,7 +50,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, precision: Precision) -> Result<Tenso
         .apply_op2(&weight.contiguous()?, TrainedLinear { precision })
 }
 
-/// `x·Wᵀ` for `x` `[rows, in]` and a frozen `weight` `[out, in]`, its products in `precision`:
+/// `x·Wᵀ` for `x` `[..., in]` and a frozen `weight` `[out, in]`, its products in `precision`:
 /// the backward pass yields only `∂x`.
 pub fn frozen(x: &Tensor, weight: &Tensor, precision: Precision) -> Result<Tensor> {
     check(x, weight)?;
@@ -46,7 +65,7 @@ pub fn frozen(x: &Tensor, weight: &Tensor, precision: Precision) -> Result<Tenso
 
 /// The same product composed of differentiable candle primitives.
 pub fn reference(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.matmul(&weight.t()?)
+    x.broadcast_matmul(&weight.t()?)
 }
 
 /// `x[rows, in] · Wᵀ`.
@@ -133,10 +152,10 @@ impl CustomOp2 for TrainedLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(x, x_layout, self.name())?;
         let w = contiguous_f32(w, w_layout, self.name())?;
-        let (rows, inp) = x_layout.shape().dims2()?;
+        let (rows, inp) = rows_and_features(x_layout.shape())?;
         let (out, _) = w_layout.shape().dims2()?;
         let y = product(x, w, rows, inp, out, self.precision);
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        Ok((CpuStorage::F32(y), with_features(x_layout.shape(), out)))
     }
 
     fn bwd(
@@ -146,7 +165,7 @@ impl CustomOp2 for TrainedLinear {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, inp) = x.dims2()?;
+        let (rows, inp) = rows_and_features(x.shape())?;
         let (out, _) = w.dims2()?;
         let (dx, dw) = with_slices(&[x, w, grad], self.name(), |s| {
             let (x, w, dy) = (s[0], s[1], s[2]);
@@ -155,10 +174,7 @@ impl CustomOp2 for TrainedLinear {
                 weight_gradient(dy, x, rows, inp, out, self.precision),
             ))
         })?;
-        Ok((
-            Some(tensor(dx, &[rows, inp])?),
-            Some(tensor(dw, &[out, inp])?),
-        ))
+        Ok((Some(tensor(dx, x.dims())?), Some(tensor(dw, &[out, inp])?)))
     }
 }
 
@@ -174,20 +190,20 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(x, x_layout, self.name())?;
-        let (rows, inp) = x_layout.shape().dims2()?;
+        let (rows, inp) = rows_and_features(x_layout.shape())?;
         let (out, _) = self.weight.dims2()?;
         let y = with_slices(&[&self.weight], self.name(), |s| {
             Ok(product(x, s[0], rows, inp, out, self.precision))
         })?;
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        Ok((CpuStorage::F32(y), with_features(x_layout.shape(), out)))
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (rows, inp) = x.dims2()?;
+        let (rows, inp) = rows_and_features(x.shape())?;
         let (out, _) = self.weight.dims2()?;
         let dx = with_slices(&[grad, &self.weight], self.name(), |s| {
             Ok(input_gradient(s[0], s[1], rows, inp, out, self.precision))
         })?;
-        Ok(Some(tensor(dx, &[rows, inp])?))
+        Ok(Some(tensor(dx, x.dims())?))
     }
 }

@@ -9,11 +9,11 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::cpu::{contiguous_f32, par_matmul, tensor, with_slices, Mat};
-use crate::linear::{input_gradient, product};
+use crate::linear::{input_gradient, product, rows_and_features, with_features};
 use crate::Precision;
 
-/// `x·Wᵀ + scale · (x⊙mask)·Aᵀ·Bᵀ` for `x` `[rows, in]`, a frozen `weight` `[out, in]`,
-/// `a` `[r, in]` and `b` `[out, r]`; `mask` (`[rows, in]`, LoRA dropout) applies to the
+/// `x·Wᵀ + scale · (x⊙mask)·Aᵀ·Bᵀ` for `x` `[..., in]`, a frozen `weight` `[out, in]`,
+/// `a` `[r, in]` and `b` `[out, r]`; `mask` (shaped as `x`, LoRA dropout) applies to the
 /// adapter's input only. The base products run in `precision`; the adapter's, whose inner
 /// dimension is the rank, in f32.
 pub fn lora_linear(
@@ -25,7 +25,7 @@ pub fn lora_linear(
     mask: Option<&Tensor>,
     precision: Precision,
 ) -> Result<Tensor> {
-    let (rows, inp) = x.dims2()?;
+    let (_, inp) = rows_and_features(x.shape())?;
     let (out, w_in) = weight.dims2()?;
     let (rank, a_in) = a.dims2()?;
     if w_in != inp || a_in != inp || b.dims() != [out, rank] {
@@ -37,8 +37,8 @@ pub fn lora_linear(
             b.dims()
         );
     }
-    if mask.is_some_and(|m| m.dims() != [rows, inp]) {
-        candle_core::bail!("lora_linear: the dropout mask must be [{rows}, {inp}]");
+    if mask.is_some_and(|m| m.dims() != x.dims()) {
+        candle_core::bail!("lora_linear: the dropout mask must be {:?}, as x", x.dims());
     }
     let mut all = vec![x, weight, a, b];
     all.extend(mask);
@@ -67,12 +67,12 @@ pub fn reference(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let base = x.matmul(&weight.detach().t()?)?;
+    let base = x.broadcast_matmul(&weight.detach().t()?)?;
     let input = match mask {
         Some(m) => (x * m)?,
         None => x.clone(),
     };
-    base + (input.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?
+    base + (input.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * scale)?
 }
 
 struct FusedLora {
@@ -123,7 +123,7 @@ impl CustomOp3 for FusedLora {
         let x = contiguous_f32(x, x_layout, name)?;
         let a = contiguous_f32(a, a_layout, name)?;
         let b = contiguous_f32(b, b_layout, name)?;
-        let (rows, inp) = x_layout.shape().dims2()?;
+        let (rows, inp) = rows_and_features(x_layout.shape())?;
         let (out, rank) = b_layout.shape().dims2()?;
         let y = self.with_held(|w, mask| {
             let mut y = product(x, w, rows, inp, out, self.precision);
@@ -158,7 +158,7 @@ impl CustomOp3 for FusedLora {
             *self.low.lock().unwrap_or_else(|e| e.into_inner()) = low;
             Ok(y)
         })?;
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        Ok((CpuStorage::F32(y), with_features(x_layout.shape(), out)))
     }
 
     fn bwd(
@@ -169,7 +169,7 @@ impl CustomOp3 for FusedLora {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, inp) = x.dims2()?;
+        let (rows, inp) = rows_and_features(x.shape())?;
         let (out, rank) = b.dims2()?;
         let low = self.low.lock().unwrap_or_else(|e| e.into_inner());
         let (dx, da, db) = with_slices(&[x, a, b, grad], self.name(), |s| {
@@ -256,7 +256,7 @@ impl CustomOp3 for FusedLora {
             })
         })?;
         Ok((
-            Some(tensor(dx, &[rows, inp])?),
+            Some(tensor(dx, x.dims())?),
             Some(tensor(da, &[rank, inp])?),
             Some(tensor(db, &[out, rank])?),
         ))

@@ -218,8 +218,15 @@ fn rope_matches_reference() {
 #[test]
 fn cross_entropy_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
-    for (rows, vocab) in [(1, 1), (3, 5), (67, 1000), (9, 49152)] {
-        let logits = random(&mut rng, &[rows, vocab], 8.0);
+    // Leading dimensions (the rows) and vocabulary.
+    for (leading, vocab) in [
+        (vec![1], 1),
+        (vec![3], 5),
+        (vec![67], 1000),
+        (vec![3, 3], 49152),
+    ] {
+        let rows: usize = leading.iter().product();
+        let logits = random(&mut rng, &[leading.as_slice(), &[vocab]].concat(), 8.0);
         let targets: Vec<i64> = (0..rows)
             .map(|r| {
                 if r % 4 == 3 {
@@ -230,7 +237,7 @@ fn cross_entropy_matches_reference() {
             })
             .collect();
         compare(
-            &format!("cross_entropy {rows}x{vocab}"),
+            &format!("cross_entropy {leading:?}x{vocab}"),
             &[logits],
             &|t| cross_entropy::cross_entropy_sum(&t[0], &targets).unwrap(),
             &|t| cross_entropy::reference(&t[0], &targets).unwrap(),
@@ -254,13 +261,15 @@ fn cross_entropy_rejects_labels_outside_the_vocabulary() {
 fn lora_linear_matches_reference() {
     use axl_kernels::lora_linear;
     let mut rng = ChaCha8Rng::seed_from_u64(8);
-    for (rows, inp, out, rank, with_mask) in [
-        (1, 3, 2, 1, false),
-        (37, 64, 48, 8, true),
-        (130, 96, 200, 16, false),
-        (64, 128, 32, 4, true),
+    for (leading, inp, out, rank, with_mask) in [
+        (vec![1], 3, 2, 1, false),
+        (vec![37], 64, 48, 8, true),
+        (vec![130], 96, 200, 16, false),
+        (vec![2, 32], 128, 32, 4, true),
     ] {
-        let x = random(&mut rng, &[rows, inp], 1.0);
+        let rows: usize = leading.iter().product();
+        let x_dims = [leading.as_slice(), &[inp]].concat();
+        let x = random(&mut rng, &x_dims, 1.0);
         let weight = random(&mut rng, &[out, inp], 0.2);
         let a = random(&mut rng, &[rank, inp], 0.3);
         let b = random(&mut rng, &[out, rank], 0.3);
@@ -268,10 +277,10 @@ fn lora_linear_matches_reference() {
             let keep: Vec<f32> = (0..rows * inp)
                 .map(|_| if rng.random_bool(0.8) { 1.25 } else { 0.0 })
                 .collect();
-            Tensor::from_vec(keep, (rows, inp), &Device::Cpu).unwrap()
+            Tensor::from_vec(keep, x_dims.as_slice(), &Device::Cpu).unwrap()
         });
         compare(
-            &format!("lora_linear {rows}x{inp} -> {out}, rank {rank}, mask {with_mask}"),
+            &format!("lora_linear {leading:?}x{inp} -> {out}, rank {rank}, mask {with_mask}"),
             &[x, a, b],
             &|t| {
                 lora_linear::lora_linear(
@@ -295,11 +304,18 @@ fn lora_linear_matches_reference() {
 fn linear_matches_reference() {
     use axl_kernels::linear;
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    for (rows, inp, out) in [(1, 1, 1), (3, 17, 5), (130, 64, 200), (512, 96, 33)] {
-        let x = random(&mut rng, &[rows, inp], 1.0);
+    // Leading dimensions (the rows, here also `[batch, len]`), input and output features.
+    for (leading, inp, out) in [
+        (vec![1], 1, 1),
+        (vec![3], 17, 5),
+        (vec![130], 64, 200),
+        (vec![2, 65], 64, 200),
+        (vec![512], 96, 33),
+    ] {
+        let x = random(&mut rng, &[leading.as_slice(), &[inp]].concat(), 1.0);
         let w = random(&mut rng, &[out, inp], 0.5);
         compare(
-            &format!("linear {rows}x{inp} -> {out}"),
+            &format!("linear {leading:?}x{inp} -> {out}"),
             &[x, w],
             &|t| linear::linear(&t[0], &t[1], Precision::F32).unwrap(),
             &|t| linear::reference(&t[0], &t[1]).unwrap(),
@@ -312,11 +328,11 @@ fn linear_matches_reference() {
 fn frozen_linear_matches_reference_and_leaves_the_weight_without_gradient() {
     use axl_kernels::linear;
     let mut rng = ChaCha8Rng::seed_from_u64(10);
-    for (rows, inp, out) in [(1, 1, 1), (33, 64, 130), (512, 96, 7)] {
-        let x = random(&mut rng, &[rows, inp], 1.0);
+    for (leading, inp, out) in [(vec![1], 1, 1), (vec![33], 64, 130), (vec![4, 128], 96, 7)] {
+        let x = random(&mut rng, &[leading.as_slice(), &[inp]].concat(), 1.0);
         let w = Var::from_tensor(&random(&mut rng, &[out, inp], 0.5)).unwrap();
         compare(
-            &format!("frozen linear {rows}x{inp} -> {out}"),
+            &format!("frozen linear {leading:?}x{inp} -> {out}"),
             std::slice::from_ref(&x),
             &|t| linear::frozen(&t[0], w.as_tensor(), Precision::F32).unwrap(),
             &|t| linear::reference(&t[0], &w.as_tensor().detach()).unwrap(),

@@ -155,22 +155,16 @@ impl Linear {
         dropout: Option<&DropoutRng>,
         precision: Precision,
     ) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_features = *dims.last().expect("linear input has a last dimension");
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let flat = x.reshape((rows, in_features))?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty") = self.out_features();
         if let (Param::Frozen(w), Some(lora)) = (&self.weight, &self.lora) {
             // A frozen base with an adapter: one fused op, no weight gradient.
             let mask = match dropout {
                 Some(rng) if lora.dropout > 0.0 => {
-                    Some(rng.mask(flat.dims(), lora.dropout, flat.device())?)
+                    Some(rng.mask(x.dims(), lora.dropout, x.device())?)
                 }
                 _ => None,
             };
-            let mut y = axl_kernels::lora_linear::lora_linear(
-                &flat,
+            let y = axl_kernels::lora_linear::lora_linear(
+                x,
                 w,
                 lora.a.tensor(),
                 lora.b.tensor(),
@@ -178,14 +172,14 @@ impl Linear {
                 mask.as_ref(),
                 precision,
             )?;
-            if let Some(bias) = &self.bias {
-                y = y.broadcast_add(bias.tensor())?;
-            }
-            return y.reshape(out_dims);
+            return match &self.bias {
+                Some(bias) => y.broadcast_add(bias.tensor()),
+                None => Ok(y),
+            };
         }
         let mut y = match &self.weight {
-            Param::Frozen(w) => axl_kernels::linear::frozen(&flat, w, precision)?,
-            Param::Trainable(w) => axl_kernels::linear::linear(&flat, w.as_tensor(), precision)?,
+            Param::Frozen(w) => axl_kernels::linear::frozen(x, w, precision)?,
+            Param::Trainable(w) => axl_kernels::linear::linear(x, w.as_tensor(), precision)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias.tensor())?;
@@ -193,15 +187,15 @@ impl Linear {
         if let Some(lora) = &self.lora {
             let input = match dropout {
                 Some(rng) if lora.dropout > 0.0 => {
-                    (&flat * rng.mask(flat.dims(), lora.dropout, flat.device())?)?
+                    (x * rng.mask(x.dims(), lora.dropout, x.device())?)?
                 }
-                _ => flat.clone(),
+                _ => x.clone(),
             };
-            let low = input.matmul(&lora.a.tensor().t()?)?;
-            let delta = (low.matmul(&lora.b.tensor().t()?)? * lora.scale)?;
+            let low = input.broadcast_matmul(&lora.a.tensor().t()?)?;
+            let delta = (low.broadcast_matmul(&lora.b.tensor().t()?)? * lora.scale)?;
             y = (y + delta)?;
         }
-        y.reshape(out_dims)
+        Ok(y)
     }
 
     /// The weight with the adapter folded in: `W + scale · B·A`.

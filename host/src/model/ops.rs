@@ -132,7 +132,7 @@ impl TokenLoss {
 /// `labels` is `[batch, len]` of integers. The last position of each row predicts nothing,
 /// so the logits are used in place, without a shifted copy.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<TokenLoss> {
-    let (batch, len, vocab) = logits.dims3()?;
+    let (batch, len, _) = logits.dims3()?;
     let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
     let mut targets = Vec::with_capacity(batch * len);
     for row in &labels {
@@ -140,9 +140,6 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<T
         targets.push(IGNORE_INDEX);
     }
     let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-    let sum = axl_kernels::cross_entropy::cross_entropy_sum(
-        &logits.reshape((batch * len, vocab))?,
-        &targets,
-    )?;
+    let sum = axl_kernels::cross_entropy::cross_entropy_sum(logits, &targets)?;
     Ok(TokenLoss { sum, count })
 }
