@@ -15,7 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::cpu::{
-    contiguous_f32, exp_shifted_sum, lane_max, matmul, tensor, with_slices, Mat, SharedMut,
+    contiguous_f32, exp_shifted_sum, lane_max, matmul, new_block_product, tensor, with_slices, Mat,
+    SharedMut,
 };
 use crate::vectorized;
 
@@ -282,17 +283,13 @@ impl FusedAttention {
         let rows = i1 - i0;
         let (first, last) = self.key_span(b, i0, i1);
         let width = last + 1 - first;
-        let mut probs = vec![0f32; rows * width];
         // SAFETY: the query rows i0..i1 of head h and the key rows first..=last of kv_head lie
-        // inside q and k (strides heads·head_dim and kv_heads·head_dim); probs is rows × width.
-        unsafe {
-            matmul(
+        // inside q and k (strides heads·head_dim and kv_heads·head_dim).
+        let mut probs = unsafe {
+            new_block_product(
                 rows,
                 width,
                 d.head_dim,
-                probs.as_mut_ptr(),
-                width,
-                false,
                 Mat::rows(q.as_ptr().add(d.q_offset(b, i0, h)), d.heads * d.head_dim),
                 Mat::rows(
                     k.as_ptr().add(d.kv_offset(b, first, kv_head)),
@@ -300,8 +297,8 @@ impl FusedAttention {
                 )
                 .t(),
                 self.scale,
-            );
-        }
+            )
+        };
         let mut tanh = Vec::new();
         if let Some(cap) = self.softcap {
             tanh.reserve(probs.len());
@@ -406,22 +403,9 @@ impl FusedAttention {
                 let k_span = Mat::rows(k[d.kv_offset(b, first, kv_head)..].as_ptr(), kv_rows);
                 let v_span = Mat::rows(v[d.kv_offset(b, first, kv_head)..].as_ptr(), kv_rows);
                 // dP = dO · Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), through the soft cap.
-                let mut grad = vec![0f32; rows * width];
-                // SAFETY: all operands lie inside their buffers (see block_probs); grad is
-                // rows × width and private to this task.
-                unsafe {
-                    matmul(
-                        rows,
-                        width,
-                        hd,
-                        grad.as_mut_ptr(),
-                        width,
-                        false,
-                        do_blk,
-                        v_span.t(),
-                        1.0,
-                    );
-                }
+                // SAFETY: all operands lie inside their buffers (see block_probs).
+                let mut grad =
+                    unsafe { new_block_product(rows, width, hd, do_blk, v_span.t(), 1.0) };
                 vectorized!({
                     for r in 0..rows {
                         let at = d.q_offset(b, i0 + r, h);
@@ -442,11 +426,9 @@ impl FusedAttention {
                     }
                 });
                 let grad_m = Mat::rows(grad.as_ptr(), width);
-                let mut dk = vec![0f32; width * hd];
-                let mut dv = vec![0f32; width * hd];
-                // SAFETY: this task alone writes the dq rows i0..i1 of head h; dk and dv are
-                // private; the operands lie inside their buffers.
-                unsafe {
+                // SAFETY: this task alone writes the dq rows i0..i1 of head h; the operands lie
+                // inside their buffers.
+                let (dk, dv) = unsafe {
                     matmul(
                         rows,
                         hd,
@@ -458,29 +440,18 @@ impl FusedAttention {
                         k_span,
                         self.scale,
                     );
-                    matmul(
-                        width,
-                        hd,
-                        rows,
-                        dk.as_mut_ptr(),
-                        hd,
-                        false,
-                        grad_m.t(),
-                        q_blk,
-                        self.scale,
-                    );
-                    matmul(
-                        width,
-                        hd,
-                        rows,
-                        dv.as_mut_ptr(),
-                        hd,
-                        false,
-                        Mat::rows(probs.as_ptr(), width).t(),
-                        do_blk,
-                        1.0,
-                    );
-                }
+                    (
+                        new_block_product(width, hd, rows, grad_m.t(), q_blk, self.scale),
+                        new_block_product(
+                            width,
+                            hd,
+                            rows,
+                            Mat::rows(probs.as_ptr(), width).t(),
+                            do_blk,
+                            1.0,
+                        ),
+                    )
+                };
                 (b * d.kv_heads + kv_head, first, dk, dv)
             })
             .collect();

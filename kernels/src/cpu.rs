@@ -238,10 +238,37 @@ pub(crate) unsafe fn new_product(
     a: Mat,
     b: Mat,
 ) -> Vec<f32> {
-    let mut buffer = Vec::with_capacity(m * n);
-    par_matmul_in(precision, m, n, k, buffer.as_mut_ptr(), n, false, a, b, 1.0);
     // A product that does not accumulate writes every element.
-    buffer.set_len(m * n);
+    written(m * n, |dst| {
+        par_matmul_in(precision, m, n, k, dst, n, false, a, b, 1.0)
+    })
+}
+
+/// A new row-major `m×n` buffer holding `scale · a[m×k] · b[k×n]`, computed on this thread
+/// ([`matmul`]) and written without being zeroed first.
+///
+/// # Safety
+/// `a` and `b` must address valid memory for the sizes and strides given.
+pub(crate) unsafe fn new_block_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+) -> Vec<f32> {
+    // A product that does not accumulate writes every element.
+    written(m * n, |dst| matmul(m, n, k, dst, n, false, a, b, scale))
+}
+
+/// A new buffer of `len` elements, filled by `write` through a pointer to its start.
+///
+/// # Safety
+/// `write` must write every one of the `len` elements.
+unsafe fn written(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut buffer = Vec::with_capacity(len);
+    write(buffer.as_mut_ptr());
+    buffer.set_len(len);
     buffer
 }
 
