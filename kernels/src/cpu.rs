@@ -3,7 +3,6 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
-use crate::vectorized;
 use crate::Precision;
 
 /// The f32 elements of a contiguous CPU operand.
@@ -311,33 +310,32 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// Lanes of the partial sums and maxima below: one AVX-512 vector of f32.
 const LANES: usize = 16;
 
-/// Replaces every `v` of `values` by `e^(v − shift)` and returns their sum.
+/// Replaces every `v` of `values` by `e^(v − shift)` and returns their sum. Inlined, so that
+/// inside a [`vectorized!`](crate::vectorized) block it gets that block's vectors.
+#[inline(always)]
 pub(crate) fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
-    vectorized!({
-        for v in values.iter_mut() {
-            *v = exp(*v - shift);
-        }
-        lane_sum(values)
-    })
+    for v in values.iter_mut() {
+        *v = exp(*v - shift);
+    }
+    lane_sum(values)
 }
 
-/// `Σ e^(v − shift)` over `values`.
+/// `Σ e^(v − shift)` over `values`, inlined like [`exp_shifted_sum`].
+#[inline(always)]
 pub(crate) fn sum_exp_shifted(values: &[f32], shift: f32) -> f32 {
-    vectorized!({
-        let mut lanes = [0f32; LANES];
-        let mut chunks = values.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (lane, v) in lanes.iter_mut().zip(chunk) {
-                *lane += exp(v - shift);
-            }
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += exp(v - shift);
         }
-        lanes.iter().sum::<f32>()
-            + chunks
-                .remainder()
-                .iter()
-                .map(|v| exp(v - shift))
-                .sum::<f32>()
-    })
+    }
+    lanes.iter().sum::<f32>()
+        + chunks
+            .remainder()
+            .iter()
+            .map(|v| exp(v - shift))
+            .sum::<f32>()
 }
 
 /// The sum of `values`, accumulated in [`LANES`] interleaved partial sums so that it

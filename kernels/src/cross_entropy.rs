@@ -74,8 +74,10 @@ struct FusedCrossEntropy {
 }
 
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = vectorized!({ lane_max(row) });
-    max + sum_exp_shifted(row, max).ln()
+    vectorized!({
+        let max = lane_max(row);
+        max + sum_exp_shifted(row, max).ln()
+    })
 }
 
 impl CustomOp1 for FusedCrossEntropy {
