@@ -102,6 +102,41 @@ impl Hook {
         Hook::PostTrain,
     ];
 
+    /// Every hook, in declaration order: the order of the WIT `hook` enum.
+    pub const DECLARED: [Hook; 21] = [
+        Hook::Configure,
+        Hook::LoadDatasets,
+        Hook::FormatExample,
+        Hook::PreModelLoad,
+        Hook::PostModelBuild,
+        Hook::PreLoraLoad,
+        Hook::PostLoraLoad,
+        Hook::PostModelLoad,
+        Hook::CreateOptimizer,
+        Hook::LrSchedule,
+        Hook::ComputeLoss,
+        Hook::OnGradients,
+        Hook::OnTrainBegin,
+        Hook::OnStepEnd,
+        Hook::OnLog,
+        Hook::OnEvaluate,
+        Hook::OnSave,
+        Hook::OnTrainEnd,
+        Hook::Reward,
+        Hook::PostTrain,
+        Hook::Commands,
+    ];
+
+    /// The hook at `index` of [`Hook::DECLARED`] (a WIT `hook` enum value).
+    pub fn from_index(index: u8) -> Option<Hook> {
+        Hook::DECLARED.get(usize::from(index)).copied()
+    }
+
+    /// The hook's index in [`Hook::DECLARED`].
+    pub fn index(self) -> u8 {
+        self as u8
+    }
+
     /// The hook's name as configs, manifests and messages spell it (`on_step_end`).
     pub fn name(self) -> &'static str {
         match self {
@@ -302,6 +337,24 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), Hook::ALL.len());
+    }
+
+    #[test]
+    fn the_wit_hook_enum_lists_the_hooks_in_declaration_order() {
+        let wit = include_str!("../wit/axl-plugin.wit");
+        let body = wit.split("enum hook {").nth(1).unwrap();
+        let body = &body[..body.find('}').unwrap()];
+        let names: Vec<String> = body
+            .split(',')
+            .map(|n| n.trim().replace('-', "_"))
+            .filter(|n| !n.is_empty())
+            .collect();
+        let declared: Vec<&str> = Hook::DECLARED.iter().map(|h| h.name()).collect();
+        assert_eq!(names, declared);
+        for (i, hook) in Hook::DECLARED.into_iter().enumerate() {
+            assert_eq!(hook.index() as usize, i);
+            assert_eq!(Hook::from_index(i as u8), Some(hook));
+        }
     }
 
     #[test]

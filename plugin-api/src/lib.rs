@@ -44,10 +44,18 @@
 
 #![deny(missing_docs)]
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod ffi;
 pub mod hooks;
 pub mod manifest;
+pub mod payload;
+pub mod plugin;
+pub mod tensor;
 pub mod version;
+pub mod wire;
 
 pub use hooks::{Combine, CombineError, Contribution, Hook};
 pub use manifest::{Manifest, ManifestError, Provides};
+pub use plugin::{Host, Plugin, PluginError};
+pub use tensor::{Gradient, Tensor, TensorView, TensorViewMut};
 pub use version::{ApiVersion, API_VERSION};

@@ -75,4 +75,11 @@ mod tests {
         assert_eq!(ApiVersion::parse("1.2.3.4"), None);
         assert_eq!(v("0.1.0").to_string(), "0.1.0");
     }
+
+    #[test]
+    fn the_api_version_is_the_crate_version() {
+        // Native libraries are checked against the crate version by `abi_stable` and against
+        // `API_VERSION` by the host: the two must be one number.
+        assert_eq!(super::API_VERSION.to_string(), env!("CARGO_PKG_VERSION"));
+    }
 }

@@ -1,0 +1,303 @@
+//! What hooks receive and return, and what host services take and give: plain serde types,
+//! so that every transport can carry them (in the process, through a native library's JSON
+//! channel, or into a WebAssembly component).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hooks::Hook;
+
+/// A dataset row: column name to value.
+pub type Row = serde_json::Map<String, serde_json::Value>;
+
+/// The run as `configure`, `load_datasets` and plugin commands see it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunContext {
+    /// The command being run (`train`, `preprocess`, `evaluate`, `inference`, or a plugin's
+    /// own).
+    pub command: String,
+    /// The whole configuration, validated, as JSON (YAML keys as written, overrides applied).
+    pub config: serde_json::Value,
+    /// The configuration file.
+    pub config_path: String,
+    /// The run's `output_dir`.
+    pub output_dir: String,
+}
+
+/// What `format_example` makes of a row: text pieces, each trained or not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Formatted {
+    /// The pieces, concatenated in order to form the example's text.
+    pub segments: Vec<Segment>,
+    /// Let the tokenizer add its special tokens (BOS), as `tokenizer(text)` does in Python.
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+    /// Append the tokenizer's EOS token (trained when the last segment is).
+    #[serde(default = "yes")]
+    pub append_eos: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A piece of an example's text.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// The text.
+    pub text: String,
+    /// Whether the model is trained to produce it.
+    pub train: bool,
+}
+
+impl Formatted {
+    /// An example of `(text, trained)` pieces, with BOS and EOS added.
+    pub fn from_pieces<'a>(pieces: impl IntoIterator<Item = (&'a str, bool)>) -> Self {
+        Self {
+            segments: pieces
+                .into_iter()
+                .map(|(text, train)| Segment {
+                    text: text.to_string(),
+                    train,
+                })
+                .collect(),
+            add_special_tokens: true,
+            append_eos: true,
+        }
+    }
+}
+
+/// One parameter of the model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParameterInfo {
+    /// Its name as in the safetensors file (`model.layers.0.self_attn.q_proj.weight`, LoRA
+    /// parameters with PEFT's names).
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Whether the optimizer updates it.
+    pub trainable: bool,
+}
+
+/// The model as the model hooks see it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// `model_type` of `config.json` (`llama`, `qwen2`, ...).
+    pub model_type: String,
+    /// The model's `config.json`.
+    pub config: serde_json::Value,
+    /// Its parameters, in load order (empty before the weights are loaded).
+    pub parameters: Vec<ParameterInfo>,
+}
+
+/// `pre_model_load`'s answer: kernel and attention choices, by name (`rms_norm: fused`).
+pub type KernelChoices = BTreeMap<String, serde_json::Value>;
+
+/// `post_model_load`'s answer: parameter name to whether it trains. Parameters not named
+/// keep their state.
+pub type TrainablePolicy = BTreeMap<String, bool>;
+
+/// What `create_optimizer` is told.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerContext {
+    /// The configured `optimizer`.
+    pub optimizer: String,
+    /// The configured `learning_rate`.
+    pub learning_rate: f64,
+    /// The configured `weight_decay`.
+    pub weight_decay: f64,
+    /// The parameters that train.
+    pub parameters: Vec<ParameterInfo>,
+}
+
+/// The optimizer a plugin asks for: one the host implements, with its settings and
+/// parameter groups.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerSpec {
+    /// An optimizer name the config's `optimizer:` accepts (`adamw_torch`, `sgd`, `lion_pytorch`,
+    /// `adafactor`, ...).
+    pub optimizer: String,
+    /// Replaces `weight_decay` for parameters in no group.
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+    /// Replaces `adam_beta1`.
+    #[serde(default)]
+    pub beta1: Option<f64>,
+    /// Replaces `adam_beta2`.
+    #[serde(default)]
+    pub beta2: Option<f64>,
+    /// Replaces `adam_epsilon`.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+    /// Groups of parameters with their own settings; a parameter takes the first group that
+    /// names it.
+    #[serde(default)]
+    pub groups: Vec<ParameterGroup>,
+}
+
+/// Parameters that share settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ParameterGroup {
+    /// Parameter names; a name ending in `*` matches every parameter it prefixes.
+    pub parameters: Vec<String>,
+    /// Multiplies the scheduled learning rate.
+    #[serde(default = "one")]
+    pub lr_scale: f64,
+    /// The group's weight decay.
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl ParameterGroup {
+    /// Whether the group names `parameter`.
+    pub fn contains(&self, parameter: &str) -> bool {
+        self.parameters.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => parameter.starts_with(prefix),
+            None => p == parameter,
+        })
+    }
+}
+
+/// What `lr_schedule` is told, every optimizer step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleContext {
+    /// The optimizer step about to be taken, from 0.
+    pub step: u64,
+    /// Optimizer steps in the run.
+    pub total_steps: u64,
+    /// The configured `learning_rate`.
+    pub learning_rate: f64,
+    /// What the configured scheduler gives for this step.
+    pub scheduled: f64,
+}
+
+/// The batch `compute_loss` scores, beside the logits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossBatch {
+    /// Token ids, `[rows, len]` row-major.
+    pub input_ids: Vec<u32>,
+    /// Labels aligned with `input_ids` (−100 where not trained), as in transformers: the
+    /// logits at position `t` predict the label at `t + 1`.
+    pub labels: Vec<i64>,
+    /// Rows in the batch.
+    pub rows: usize,
+    /// Positions per row.
+    pub len: usize,
+    /// What the summed per-token loss is divided by: the trained tokens of the whole
+    /// optimizer step, so that the loss does not depend on how the step is split into
+    /// micro-batches. The gradient must be of the divided loss.
+    pub normalizer: f64,
+    /// The batch's extra dataset fields, by column.
+    #[serde(default)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where the run is, for loop events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps taken.
+    pub global_step: u64,
+    /// Optimizer steps in the run.
+    pub max_steps: u64,
+    /// Epochs done, fractional.
+    pub epoch: f64,
+}
+
+/// A loop event (`on_train_begin`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`,
+/// `on_train_end`, `post_train`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Which event.
+    pub hook: Hook,
+    /// Where the run is.
+    pub state: TrainState,
+    /// The metrics of the event: the logged values for `on_log` (`loss`, `grad_norm`,
+    /// `learning_rate`), the evaluation's for `on_evaluate` (`eval_loss`), else empty.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    /// The checkpoint written, for `on_save`; the final output for `post_train`.
+    #[serde(default)]
+    pub dir: Option<String>,
+}
+
+/// What a loop event may ask of the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    /// End training after this step (the final save still happens).
+    #[serde(default)]
+    pub stop_training: bool,
+}
+
+/// Completions to score with a reward function.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RewardBatch {
+    /// The prompts, one per completion.
+    pub prompts: Vec<String>,
+    /// The completions.
+    pub completions: Vec<String>,
+    /// Each completion's dataset row (answers, tests, ...).
+    #[serde(default)]
+    pub fields: Vec<Row>,
+}
+
+/// A plugin subcommand's invocation (`axl lm-eval config.yml --tasks x`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandCall {
+    /// The subcommand.
+    pub name: String,
+    /// Its arguments, after the subcommand's name.
+    pub args: Vec<String>,
+}
+
+/// How serious a log line is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    /// Detail for debugging.
+    Debug,
+    /// Progress.
+    #[default]
+    Info,
+    /// Something the user should look at.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// A log-likelihood question: how likely is `continuation` after `context`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    /// The text before.
+    pub context: String,
+    /// The text scored.
+    pub continuation: String,
+}
+
+/// The answer to a [`ScoreRequest`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// Sum of the continuation tokens' log-probabilities (natural log).
+    pub log_likelihood: f64,
+    /// Whether every continuation token was the model's most likely one.
+    pub greedy: bool,
+}
+
+/// Text to generate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The prompt, as given to the tokenizer.
+    pub prompt: String,
+    /// Upper bound on new tokens.
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    /// Generation ends before the first of these strings.
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
