@@ -112,7 +112,8 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
     let mut optimizer = Optimizer::new(OptimizerSettings::default());
     let mut last_loss = f64::NAN;
     let secs = seconds_per_step(steps, || {
-        let (mut grads, outcome) = step::accumulate(&model, &params, &batches, checkpointing)?;
+        let (mut grads, outcome) =
+            step::accumulate(&model, &params, &batches, checkpointing, None)?;
         grads.clip(outcome.grad_norm, 1.0)?;
         step::apply(&mut optimizer, &params, &grads, 1e-4)?;
         last_loss = outcome.loss;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod fsio;
 pub mod model;
+pub mod plugins;
 pub mod setup;
 pub mod threads;
 pub mod train;

@@ -14,8 +14,8 @@
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_trait;
-use abi_stable::sabi_types::VersionStrings;
 use abi_stable::sabi_types::RMut;
+use abi_stable::sabi_types::VersionStrings;
 use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use abi_stable::{declare_root_module_statics, package_version_strings, StableAbi};
 

@@ -50,11 +50,16 @@ pub mod hooks;
 pub mod manifest;
 pub mod payload;
 pub mod plugin;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod registry;
 pub mod tensor;
 pub mod version;
 pub mod wire;
 
 pub use hooks::{Combine, CombineError, Contribution, Hook};
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub use inventory;
 pub use manifest::{Manifest, ManifestError, Provides};
 pub use plugin::{Host, Plugin, PluginError};
 pub use tensor::{Gradient, Tensor, TensorView, TensorViewMut};

@@ -4,9 +4,9 @@
 use crate::hooks::Hook;
 use crate::manifest::Manifest;
 use crate::payload::{
-    CommandCall, Control, Event, Formatted, GenerateRequest, KernelChoices, LogLevel,
-    LossBatch, ModelInfo, OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext,
-    ScheduleContext, Score, ScoreRequest, TrainablePolicy,
+    CommandCall, Control, Event, Formatted, GenerateRequest, KernelChoices, LogLevel, LossBatch,
+    ModelInfo, OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext,
+    Score, ScoreRequest, TrainablePolicy,
 };
 use crate::tensor::{Gradient, TensorView, TensorViewMut};
 

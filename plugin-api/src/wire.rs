@@ -12,9 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::hooks::Hook;
 use crate::manifest::Manifest;
 use crate::payload::{
-    CommandCall, Control, Event, Formatted, KernelChoices, LossBatch, ModelInfo,
-    OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext,
-    TrainablePolicy,
+    CommandCall, Control, Event, Formatted, KernelChoices, LossBatch, ModelInfo, OptimizerContext,
+    OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext, TrainablePolicy,
 };
 use crate::plugin::{Host, Plugin, PluginError};
 use crate::tensor::{Gradient, TensorView, TensorViewMut};
@@ -38,12 +37,8 @@ pub struct RewardRequest {
 }
 
 fn decode<T: DeserializeOwned>(hook: Hook, what: &str, json: &str) -> Result<T, PluginError> {
-    serde_json::from_str(json).map_err(|e| {
-        PluginError::new(format!(
-            "malformed {what} of `{}`: {e}",
-            hook.name()
-        ))
-    })
+    serde_json::from_str(json)
+        .map_err(|e| PluginError::new(format!("malformed {what} of `{}`: {e}", hook.name())))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<String, PluginError> {
@@ -121,8 +116,12 @@ pub trait Channel: Send {
     /// The manifest the plugin gave at load.
     fn manifest(&self) -> &Manifest;
     /// Sends the JSON call `hook(payload)` and returns the JSON answer.
-    fn call(&mut self, hook: Hook, payload: &str, host: &mut dyn Host)
-        -> Result<String, PluginError>;
+    fn call(
+        &mut self,
+        hook: Hook,
+        payload: &str,
+        host: &mut dyn Host,
+    ) -> Result<String, PluginError>;
     /// `compute_loss` (see [`Plugin::compute_loss`]).
     fn compute_loss(
         &mut self,

@@ -3,6 +3,7 @@
 mod evaluate;
 mod inference;
 mod merge_lora;
+pub mod plugins;
 mod preprocess;
 mod train;
 

@@ -19,6 +19,8 @@ use crate::setup;
 use crate::train::checkpoint;
 use crate::train::plan::{split_validation, TrainSettings};
 use crate::train::run::{self, RunInputs};
+use axl_plugin_api::payload::OptimizerContext;
+use axl_plugin_api::Hook;
 
 /// The training examples and the evaluation examples: `test_datasets` when the configuration
 /// has them, else the `val_set_size` share of the training datasets.
@@ -50,12 +52,18 @@ pub(super) fn training_and_evaluation_examples(
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let cfg = super::load_config(&args.config, &args.overrides)?;
+    let (cfg, mut plugins) = super::plugins::load_config(&args.config, &args.overrides, "train")?;
     if cfg.config.training.learning_rate.is_none() {
         bail!("{}: learning_rate is required to train", cfg.path.display());
     }
-    let settings = TrainSettings::from_config(&cfg.config)
+    let mut settings = TrainSettings::from_config(&cfg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
+    if plugins.has(Hook::ComputeLoss) && settings.gradient_checkpointing {
+        bail!(
+            "{}: a compute_loss plugin needs the logits of the whole micro-batch; turn gradient_checkpointing off",
+            cfg.path.display()
+        );
+    }
     if let Some(note) = settings.precision_note {
         eprintln!("note: {note}");
     }
@@ -88,6 +96,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         trainable: full,
         ..Default::default()
     };
+    let config_json = std::fs::read_to_string(sources.config_dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    super::plugins::choose_kernels(&mut plugins, &tokenizer, config_json)?;
     let reinit = cfg.config.reinit_weights == Some(true);
     let mut model = match (&resume, full) {
         (Some(dir), true) => CausalLm::load(dir, &options)?,
@@ -98,7 +111,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         _ => setup::load_base(&sources, &options)?,
     };
+    super::plugins::model_event(&mut plugins, Hook::PostModelBuild, &model, &tokenizer)?;
     if let Some(lora_settings) = &lora_settings {
+        super::plugins::model_event(&mut plugins, Hook::PreLoraLoad, &model, &tokenizer)?;
         // A run starts from the adapter it resumes, else from `--lora-model-dir` /
         // `lora_model_dir`, else from a new adapter (never from an earlier run's output).
         let starting_adapter = overrides
@@ -117,6 +132,24 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if lora_settings.is_some() {
+        super::plugins::model_event(&mut plugins, Hook::PostLoraLoad, &model, &tokenizer)?;
+    }
+    super::plugins::apply_trainable_policy(&mut plugins, &mut model, &tokenizer)?;
+    settings.optimizer = super::plugins::optimizer_settings(
+        &mut plugins,
+        &settings.optimizer,
+        OptimizerContext {
+            optimizer: cfg.config.training.optimizer.clone(),
+            learning_rate: settings.learning_rate,
+            weight_decay: settings.optimizer.weight_decay,
+            parameters: super::plugins::model_info(&model)
+                .parameters
+                .into_iter()
+                .filter(|p| p.trainable)
+                .collect(),
+        },
+    )?;
     let stored = save::stored_dtype(&model);
     let base_model = sources.base_model.clone();
     let tokenizer_dir = sources.tokenizer_dir.clone();
@@ -169,6 +202,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .unwrap_or(DEFAULT_TRIGGER_FILE);
             (output_dir.join(name), d.check_interval)
         });
+    let mut hooks = super::plugins::PluginLoop::new(&mut plugins, &tokenizer);
     let report = run::run(
         &mut model,
         RunInputs {
@@ -183,8 +217,28 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             progress_bar: if terminal { Some(&mut bar) } else { None },
             stop: Some(&STOP),
             trigger,
+            hooks: &mut hooks,
         },
     )?;
+    if report.interrupted.is_none() {
+        let mut done = axl_plugin_api::payload::Event {
+            hook: Hook::PostTrain,
+            state: axl_plugin_api::payload::TrainState {
+                global_step: report.steps.last().map_or(0, |s| s.step as u64),
+                max_steps: report.total_steps as u64,
+                epoch: report.steps.last().map_or(0.0, |s| s.epoch),
+            },
+            metrics: report
+                .eval_loss
+                .map(|l| ("eval_loss".to_string(), l))
+                .into_iter()
+                .collect(),
+            dir: Some(output_dir.display().to_string()),
+        };
+        done.metrics
+            .extend(report.steps.last().map(|s| ("loss".to_string(), s.loss)));
+        crate::train::hooks::LoopHooks::event(&mut hooks, &model, &done)?;
+    }
     if let Some(checkpoint) = &report.interrupted {
         eprintln!(
             "stopped; the run can continue from {} (resume_from_checkpoint, or auto_resume_from_checkpoints: true)",

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod axolotl_keys;
+pub mod schema;
 pub mod training;
 
 use std::fmt;
@@ -192,7 +193,7 @@ impl Default for AxlConfig {
             load_in_8bit: None,
             load_in_4bit: None,
             reinit_weights: None,
-            output_dir: "./model-out".into(),
+            output_dir: DEFAULT_OUTPUT_DIR.into(),
             sequence_len: 512,
             chat_template: None,
             chat_template_jinja: None,
@@ -281,6 +282,43 @@ pub struct LoadedConfig {
     pub attn_implementation: Option<String>,
     /// Deprecation warnings for the user.
     pub warnings: Vec<String>,
+    /// The `plugins:` entries, in order.
+    pub plugins: Vec<crate::plugins::PluginSpec>,
+    /// The keys plugins own, checked against their schemas, as JSON.
+    pub plugin_settings: serde_json::Map<String, serde_json::Value>,
+    /// The whole configuration as JSON (overrides applied), as plugins receive it.
+    pub json: serde_json::Value,
+}
+
+/// Where a run writes when `output_dir` is not set (Axolotl's default).
+pub const DEFAULT_OUTPUT_DIR: &str = "./model-out";
+
+/// The config keys plugins own: key to the owning plugin and the key's JSON schema.
+pub type PluginKeys = std::collections::BTreeMap<String, (String, serde_json::Value)>;
+
+/// What loading the config's plugins needs to know.
+pub struct PluginLoadRequest<'a> {
+    /// The `plugins:` entries.
+    pub specs: &'a [crate::plugins::PluginSpec],
+    /// The directory relative paths are resolved against.
+    pub base_dir: &'a Path,
+    /// The run's output directory, resolved.
+    pub output_dir: PathBuf,
+}
+
+/// Loads a config's plugins and returns the keys they own, or one message per failure.
+pub type PluginLoader<'l> =
+    dyn FnMut(&PluginLoadRequest<'_>) -> Result<PluginKeys, Vec<String>> + 'l;
+
+/// A [`PluginLoader`] that loads the plugins only to learn their keys.
+pub fn load_plugins_for_keys(request: &PluginLoadRequest<'_>) -> Result<PluginKeys, Vec<String>> {
+    if request.specs.is_empty() {
+        return Ok(PluginKeys::new());
+    }
+    let manager =
+        crate::plugins::PluginManager::load(request.specs, request.base_dir, &request.output_dir)
+            .map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    manager.config_keys()
 }
 
 fn line_of(text: &str, key: &str) -> Option<usize> {
@@ -437,6 +475,78 @@ pub fn parse_overrides(args: &[String]) -> Result<Vec<(Vec<String>, Value)>, Str
     Ok(out)
 }
 
+/// The `plugins:` entries of a config and the keys their plugins own, loaded by `loader`.
+fn plugins_of(
+    mapping: &Mapping,
+    text: &str,
+    base_dir: &Path,
+    loader: &mut PluginLoader<'_>,
+) -> Result<(Vec<crate::plugins::PluginSpec>, PluginKeys), Vec<Problem>> {
+    let line = line_of(text, "plugins");
+    let problem = |message: String| Problem {
+        key: "plugins".into(),
+        line,
+        message,
+    };
+    let entries = match mapping.get("plugins") {
+        None | Some(Value::Null) => return Ok((Vec::new(), PluginKeys::new())),
+        Some(Value::Sequence(entries)) => entries,
+        Some(_) => return Err(vec![problem("expected a list of plugins".into())]),
+    };
+    let resolve = |p: &str| {
+        let expanded = match p.strip_prefix("~/") {
+            Some(rest) => std::env::var("HOME")
+                .map(|h| PathBuf::from(h).join(rest))
+                .unwrap_or_else(|_| PathBuf::from(p)),
+            None => PathBuf::from(p),
+        };
+        if expanded.is_absolute() {
+            expanded
+        } else {
+            base_dir.join(expanded)
+        }
+    };
+    let mut specs = Vec::new();
+    let mut problems = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        match crate::plugins::spec::parse_entry(entry, &resolve) {
+            Ok(spec) => specs.push(spec),
+            Err(message) => problems.push(problem(format!("entry {}: {message}", i + 1))),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let output_dir = mapping
+        .get("output_dir")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_OUTPUT_DIR);
+    let request = PluginLoadRequest {
+        specs: &specs,
+        base_dir,
+        output_dir: resolve(output_dir),
+    };
+    let keys = loader(&request)
+        .map_err(|messages| messages.into_iter().map(problem).collect::<Vec<_>>())?;
+    let mut problems = Vec::new();
+    for (key, (plugin, _)) in &keys {
+        if AXL_KEYS.contains(&key.as_str())
+            || training::TRAINING_KEYS.contains(&key.as_str())
+            || key == "datasets"
+            || key == "plugins"
+        {
+            problems.push(problem(format!(
+                "plugin `{plugin}` claims the key `{key}`, which axl itself reads"
+            )));
+        }
+    }
+    if problems.is_empty() {
+        Ok((specs, keys))
+    } else {
+        Err(problems)
+    }
+}
+
 /// Strips serde_yaml's own position suffix; the problem carries the line.
 fn clean_message(message: String) -> String {
     match message.find(" at line ") {
@@ -475,6 +585,34 @@ impl LoadedConfig {
         text: &str,
         path: &Path,
         overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        Self::from_str_with_plugins(text, path, overrides, &mut load_plugins_for_keys)
+    }
+
+    /// Reads and validates a configuration file whose plugins `loader` loads: the plugins'
+    /// keys are checked with the rest, against the plugins' schemas.
+    pub fn load_with_plugins(
+        path: &Path,
+        overrides: &[String],
+        loader: &mut PluginLoader<'_>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::from_str_with_plugins(&text, path, overrides, loader)
+    }
+
+    /// [`Self::from_str_with_overrides`], the plugins loaded by `loader`.
+    pub fn from_str_with_plugins(
+        text: &str,
+        path: &Path,
+        overrides: &[String],
+        loader: &mut PluginLoader<'_>,
     ) -> Result<Self, ConfigError> {
         let error = |problems| ConfigError {
             path: path.to_path_buf(),
@@ -533,6 +671,11 @@ impl LoadedConfig {
                 }]))
             }
         };
+        let base_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let (plugins, plugin_keys) =
+            plugins_of(&mapping, text, &base_dir, loader).map_err(error)?;
+        let json = serde_json::to_value(&mapping).unwrap_or_default();
+        let mut plugin_settings = serde_json::Map::new();
         let mut problems = Vec::new();
         let attention = attention::resolve(&mut mapping);
         for (key, message) in &attention.problems {
@@ -552,6 +695,21 @@ impl LoadedConfig {
                 continue;
             };
             let line = line_of(text, name);
+            if name == "plugins" {
+                continue;
+            }
+            if let Some((plugin, schema)) = plugin_keys.get(name) {
+                let value = serde_json::to_value(value).unwrap_or_default();
+                for (key, message) in schema::validate(schema, &value, name) {
+                    problems.push(Problem {
+                        key,
+                        line,
+                        message: format!("{message} (a key of plugin `{plugin}`)"),
+                    });
+                }
+                plugin_settings.insert(name.to_string(), value);
+                continue;
+            }
             if name == "datasets" || name == "test_datasets" || name == "pretraining_dataset" {
                 problems.extend(check_datasets(name, value, text));
                 continue;
@@ -592,6 +750,10 @@ impl LoadedConfig {
         if !problems.is_empty() {
             return Err(error(problems));
         }
+        mapping.remove("plugins");
+        for key in plugin_settings.keys() {
+            mapping.remove(key.as_str());
+        }
         let config: AxlConfig = serde_yaml::from_value(Value::Mapping(mapping)).map_err(|e| {
             error(vec![Problem {
                 key: "(file)".into(),
@@ -603,13 +765,15 @@ impl LoadedConfig {
         if !problems.is_empty() {
             return Err(error(problems));
         }
-        let base_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         Ok(Self {
             config,
             path: path.to_path_buf(),
             base_dir,
             attn_implementation: attention.backend,
             warnings: attention.warnings,
+            plugins,
+            plugin_settings,
+            json,
         })
     }
 

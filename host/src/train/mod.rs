@@ -3,6 +3,7 @@
 //! model.
 
 pub mod checkpoint;
+pub mod hooks;
 pub mod optimizer;
 pub mod plan;
 pub mod run;

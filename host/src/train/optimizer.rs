@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use axl_kernels::vectorized;
+use axl_plugin_api::payload::{OptimizerSpec, ParameterGroup};
 use rayon::prelude::*;
 
 /// Elements per parallel task of an update.
@@ -54,6 +55,35 @@ pub struct OptimizerSettings {
     pub epsilon: f64,
     /// `weight_decay` (0).
     pub weight_decay: f64,
+    /// Parameter groups with their own learning-rate scale and weight decay (from a
+    /// `create_optimizer` plugin); a parameter takes the first group that names it.
+    pub groups: Vec<ParameterGroup>,
+}
+
+impl OptimizerSettings {
+    /// The settings a `create_optimizer` plugin asks for, over the configured ones.
+    pub fn with_spec(&self, spec: &OptimizerSpec) -> Result<Self, String> {
+        let kind = OPTIMIZER_NAMES
+            .iter()
+            .find(|(name, _)| *name == spec.optimizer)
+            .map(|(_, kind)| *kind)
+            .ok_or_else(|| {
+                let names: Vec<&str> = OPTIMIZER_NAMES.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "asks for the optimizer `{}`; axl has {}",
+                    spec.optimizer,
+                    names.join(", ")
+                )
+            })?;
+        Ok(Self {
+            kind,
+            beta1: spec.beta1.unwrap_or(self.beta1),
+            beta2: spec.beta2.unwrap_or(self.beta2),
+            epsilon: spec.epsilon.unwrap_or(self.epsilon),
+            weight_decay: spec.weight_decay.unwrap_or(self.weight_decay),
+            groups: spec.groups.clone(),
+        })
+    }
 }
 
 impl Default for OptimizerSettings {
@@ -65,6 +95,7 @@ impl Default for OptimizerSettings {
             beta2: 0.999,
             epsilon: 1e-8,
             weight_decay: 0.0,
+            groups: Vec::new(),
         }
     }
 }
@@ -124,7 +155,13 @@ impl Optimizer {
         lr: f64,
     ) {
         let s = &self.settings;
-        let wd = if decays(name) { s.weight_decay } else { 0.0 };
+        let group = s.groups.iter().find(|g| g.contains(name));
+        let lr = lr * group.map_or(1.0, |g| g.lr_scale);
+        let wd = match group.and_then(|g| g.weight_decay) {
+            Some(wd) => wd,
+            None if decays(name) => s.weight_decay,
+            None => 0.0,
+        };
         let state = self.state.entry(name.to_string()).or_default();
         let step = self.step.max(1);
         match s.kind {

@@ -121,6 +121,7 @@ impl TrainSettings {
                 beta2: t.adam_beta2.unwrap_or(defaults.beta2),
                 epsilon: t.adam_epsilon.unwrap_or(defaults.epsilon),
                 weight_decay: t.weight_decay.unwrap_or(defaults.weight_decay),
+                groups: Vec::new(),
             },
             schedule,
             warmup_steps: t.warmup_steps,

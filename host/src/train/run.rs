@@ -13,7 +13,11 @@ use crate::data::example::Tokenized;
 use crate::fsio;
 use crate::model::{CausalLm, ModelError};
 
+use axl_plugin_api::payload::{Event, LossBatch, ScheduleContext, TrainState};
+use axl_plugin_api::{Gradient, Hook, TensorView, TensorViewMut};
+
 use super::checkpoint::{self, Progress};
+use super::hooks::LoopHooks;
 use super::optimizer::Optimizer;
 use super::plan::{self, TrainSettings};
 use super::schedule::{warmup_steps, Schedule};
@@ -48,6 +52,66 @@ pub struct RunInputs<'a> {
     /// `dynamic_checkpoint`: a trigger file, looked for every so many steps; when found it is
     /// deleted and a checkpoint saved.
     pub trigger: Option<(PathBuf, usize)>,
+    /// The plugins' hook points in the loop (`&mut ()` for none).
+    pub hooks: &'a mut dyn LoopHooks,
+}
+
+fn event(hook: Hook, progress: &Progress, total_steps: usize, metrics: &[(&str, f64)]) -> Event {
+    Event {
+        hook,
+        state: TrainState {
+            global_step: progress.global_step as u64,
+            max_steps: total_steps as u64,
+            epoch: progress.epoch,
+        },
+        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        dir: None,
+    }
+}
+
+/// The loss batch a `compute_loss` plugin receives for `batch`.
+fn loss_batch(batch: &crate::data::packing::Batch, trained_tokens: usize) -> LossBatch {
+    LossBatch {
+        input_ids: batch.input_ids.concat(),
+        labels: batch.labels.concat(),
+        rows: batch.input_ids.len(),
+        len: batch.input_ids.first().map_or(0, Vec::len),
+        normalizer: trained_tokens as f64,
+        fields: Default::default(),
+    }
+}
+
+/// Lets the plugins edit the step's gradients, as flat vectors written back afterwards.
+fn edit_gradients(
+    model: &CausalLm,
+    params: &[(String, candle_core::Var)],
+    grads: &mut step::Gradients,
+    hooks: &mut dyn LoopHooks,
+) -> Result<(), ModelError> {
+    let mut values = grads.to_vecs(params)?;
+    let shapes: Vec<Vec<usize>> = params
+        .iter()
+        .map(|(_, v)| v.as_tensor().dims().to_vec())
+        .collect();
+    let mut views: Vec<Gradient<'_>> = params
+        .iter()
+        .zip(&shapes)
+        .zip(values.iter_mut())
+        .map(|(((name, _), shape), data)| Gradient {
+            name,
+            grad: TensorViewMut { shape, data },
+        })
+        .collect();
+    hooks.gradients(model, &mut views)?;
+    drop(views);
+    for ((value, shape), slot) in values.into_iter().zip(&shapes).zip(&mut grads.values) {
+        *slot = Some(candle_core::Tensor::from_vec(
+            value,
+            shape.as_slice(),
+            model.device(),
+        )?);
+    }
+    Ok(())
 }
 
 /// One logged training step.
@@ -145,6 +209,7 @@ fn bar_line(step: usize, total: usize, details: &str) -> String {
 pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, ModelError> {
     let settings = inputs.settings;
     let log = inputs.log;
+    let hooks = inputs.hooks;
     let mut progress_bar = inputs.progress_bar;
     let mut tokens_this_run = 0usize;
     std::fs::create_dir_all(inputs.output_dir)
@@ -269,7 +334,13 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
     let (mut window_loss, mut window_norm, mut window_steps, mut window_tokens) = (0.0, 0.0, 0, 0);
     let mut window_start = Instant::now();
     let mut epoch = progress.global_step / per_epoch;
-    while progress.global_step < total_steps {
+    let mut stop_requested = hooks
+        .event(
+            model,
+            &event(Hook::OnTrainBegin, &progress, total_steps, &[]),
+        )?
+        .stop_training;
+    'epochs: while progress.global_step < total_steps && !stop_requested {
         let batches = match first_epoch.take().filter(|_| epoch == 0) {
             Some(batches) => batches,
             None => plan::epoch_batches(inputs.train, settings, epoch, inputs.pad_id),
@@ -289,9 +360,58 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                     .wrapping_mul(0x9E37_79B9)
                     .wrapping_add(step_number as u64),
             ));
-            let lr = schedule.lr(step_number);
-            let (mut grads, outcome) =
-                step::accumulate(model, &params, group, settings.gradient_checkpointing)?;
+            let scheduled = schedule.lr(step_number);
+            let lr = if hooks.wants(Hook::LrSchedule) {
+                let context = ScheduleContext {
+                    step: step_number as u64,
+                    total_steps: total_steps as u64,
+                    learning_rate: settings.learning_rate,
+                    scheduled,
+                };
+                hooks.learning_rate(model, &context)?.unwrap_or(scheduled)
+            } else {
+                scheduled
+            };
+            let wants_loss = hooks.wants(Hook::ComputeLoss);
+            let mut loss_hook = |logits: &candle_core::Tensor,
+                                 batch: &crate::data::packing::Batch,
+                                 trained_tokens: usize| {
+                let shape = logits.dims().to_vec();
+                let values = logits
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let mut grad = vec![0f32; values.len()];
+                let view = TensorView {
+                    shape: &shape,
+                    data: &values,
+                };
+                let answer =
+                    hooks.loss(model, view, &mut grad, &loss_batch(batch, trained_tokens))?;
+                answer
+                    .map(|loss| {
+                        let grad =
+                            candle_core::Tensor::from_vec(grad, shape.as_slice(), model.device())?
+                                .to_dtype(logits.dtype())?;
+                        Ok((loss, grad))
+                    })
+                    .transpose()
+            };
+            let (mut grads, mut outcome) = step::accumulate(
+                model,
+                &params,
+                group,
+                settings.gradient_checkpointing,
+                if wants_loss {
+                    Some(&mut loss_hook)
+                } else {
+                    None
+                },
+            )?;
+            if hooks.wants(Hook::OnGradients) {
+                edit_gradients(model, &params, &mut grads, hooks)?;
+                outcome.grad_norm = grads.norm()?;
+            }
             grads.clip(outcome.grad_norm, settings.max_grad_norm)?;
             step::apply(&mut optimizer, &params, &grads, lr)?;
             progress.global_step += 1;
@@ -332,7 +452,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 let done = progress.global_step - steps_at_start;
                 let eta = started.elapsed().as_secs_f64() / done as f64
                     * (total_steps - progress.global_step) as f64;
-                let entry = json!({
+                let mut entry = json!({
                     "step": progress.global_step,
                     "loss": window_loss / window_steps as f64,
                     "grad_norm": window_norm / window_steps as f64,
@@ -340,6 +460,17 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                     "epoch": progress.epoch,
                     "tokens_per_second": tokens_per_second,
                 });
+                let logged = [
+                    ("loss", window_loss / window_steps as f64),
+                    ("grad_norm", window_norm / window_steps as f64),
+                    ("learning_rate", lr),
+                ];
+                stop_requested |= hooks
+                    .event(model, &event(Hook::OnLog, &progress, total_steps, &logged))?
+                    .stop_training;
+                for (name, value) in hooks.take_metrics() {
+                    entry[name] = json!(value);
+                }
                 log(&format!(
                     "step {}/{total_steps} | loss {:.4} | grad_norm {:.3} | lr {lr:.3e} | {tokens_per_second:.0} tokens/s | eta {}",
                     progress.global_step,
@@ -372,6 +503,16 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 metrics.write(&entry)?;
                 progress.log_history.push(entry);
                 report.eval_loss = Some(eval_loss);
+                let measured = [
+                    ("eval_loss", eval_loss),
+                    ("eval_perplexity", eval_loss.exp()),
+                ];
+                stop_requested |= hooks
+                    .event(
+                        model,
+                        &event(Hook::OnEvaluate, &progress, total_steps, &measured),
+                    )?
+                    .stop_training;
             }
             let triggered = inputs.trigger.as_ref().is_some_and(|(file, every)| {
                 progress.global_step.is_multiple_of(*every) && file.is_file()
@@ -398,15 +539,29 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 )?;
                 log(&format!("saved {}", dir.display()));
                 report.checkpoints.push(dir.clone());
+                let mut saved = event(Hook::OnSave, &progress, total_steps, &[]);
+                saved.dir = Some(dir.display().to_string());
+                stop_requested |= hooks.event(model, &saved)?.stop_training;
                 if stopping {
                     report.interrupted = Some(dir);
                     return Ok(report);
                 }
             }
+            stop_requested |= hooks
+                .event(model, &event(Hook::OnStepEnd, &progress, total_steps, &[]))?
+                .stop_training;
+            if stop_requested {
+                log(&format!(
+                    "a plugin asked to stop training: ending at step {}",
+                    progress.global_step
+                ));
+                break 'epochs;
+            }
         }
         epoch += 1;
     }
     model.set_dropout(None);
+    hooks.event(model, &event(Hook::OnTrainEnd, &progress, total_steps, &[]))?;
     (inputs.save_weights)(model, inputs.output_dir, true)?;
     let state_path = inputs.output_dir.join(checkpoint::TRAINER_STATE_FILE);
     fsio::write_json_atomic(&state_path, &trainer_state(&progress))

@@ -29,17 +29,27 @@ pub struct StepOutcome {
     pub tokens: usize,
 }
 
-/// Loss sum and trained-position count of one micro-batch, with the logits' graph.
-fn batch_loss(model: &CausalLm, batch: &Batch) -> Result<(Tensor, usize)> {
+/// The logits of one micro-batch, with their graph, and its labels.
+fn batch_logits(model: &CausalLm, batch: &Batch) -> Result<(Tensor, Tensor)> {
     let (ids, labels) = batch.tensors(model.device())?;
     let hidden = match &batch.layout {
         Some(layout) => model.hidden_states_packed(&ids, layout)?,
         None => model.hidden_states(&ids, None)?,
     };
-    let logits = model.logits(&hidden)?;
+    Ok((model.logits(&hidden)?, labels))
+}
+
+/// Loss sum and trained-position count of one micro-batch, with the logits' graph.
+fn batch_loss(model: &CausalLm, batch: &Batch) -> Result<(Tensor, usize)> {
+    let (logits, labels) = batch_logits(model, batch)?;
     let loss = causal_lm_loss(&logits, &labels)?;
     Ok((loss.sum, loss.count))
 }
+
+/// A loss computed outside the graph: given a micro-batch's logits, the batch and the
+/// step's trained-token count, the normalized loss and its gradient with respect to the
+/// logits, or `None` to use the built-in loss.
+pub type LossHook<'a> = dyn FnMut(&Tensor, &Batch, usize) -> Result<Option<(f64, Tensor)>> + 'a;
 
 /// Gradients of a step, summed over its micro-batches, in the order of the parameters; `None`
 /// where no gradient reached a parameter (zero).
@@ -127,6 +137,7 @@ pub fn accumulate(
     params: &[(String, Var)],
     batches: &[Batch],
     checkpointing: bool,
+    mut loss_hook: Option<&mut LossHook<'_>>,
 ) -> Result<(Gradients, StepOutcome)> {
     let trained_tokens: usize = batches.iter().map(trained_positions).sum();
     let tokens: usize = batches
@@ -149,6 +160,24 @@ pub fn accumulate(
             }
             loss_sum += sum;
             grads
+        } else if let Some(hook) = loss_hook.as_deref_mut() {
+            if trained_positions(batch) == 0 {
+                continue;
+            }
+            let (logits, labels) = batch_logits(model, batch)?;
+            match hook(&logits, batch, trained_tokens)? {
+                Some((loss, grad)) => {
+                    loss_sum += loss * trained_tokens as f64;
+                    // d/d(logits) of Σ logits·grad is `grad`: the plugin's gradient enters
+                    // the backward pass here.
+                    (logits * grad.detach())?.sum_all()?.backward()?
+                }
+                None => {
+                    let loss = causal_lm_loss(&logits, &labels)?;
+                    loss_sum += loss.sum.to_scalar::<f32>()? as f64;
+                    (loss.sum / trained_tokens as f64)?.backward()?
+                }
+            }
         } else {
             let (sum, count) = batch_loss(model, batch)?;
             if count == 0 {

@@ -39,6 +39,7 @@ fn optimizers_follow_their_reference_implementations() {
             beta2: 0.999,
             epsilon: 1e-8,
             weight_decay: f["weight_decay"].as_f64().unwrap(),
+            groups: Vec::new(),
         });
         let start = f["start"].as_object().unwrap();
         let mut params: Vec<(String, Vec<usize>, Vec<f32>)> = start
@@ -194,7 +195,7 @@ fn loss_and_gradients_do_not_depend_on_the_accumulation_split() {
                 config.training.gradient_accumulation_steps = accumulation;
                 let settings = TrainSettings::from_config(&config).unwrap();
                 let batches = micro_batches(&refs, &settings, packing, 0);
-                let (grads, outcome) = accumulate(&model, &params, &batches, false).unwrap();
+                let (grads, outcome) = accumulate(&model, &params, &batches, false, None).unwrap();
                 results.push((mbs, accumulation, outcome, grads.to_vecs(&params).unwrap()));
             }
             let (_, _, first, first_grads) = &results[0];
@@ -579,7 +580,7 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
             let mut runs = Vec::new();
             for checkpointing in [false, true] {
                 model.set_dropout(Some(77));
-                runs.push(accumulate(&model, &params, &batches, checkpointing).unwrap());
+                runs.push(accumulate(&model, &params, &batches, checkpointing, None).unwrap());
             }
             let ((plain, a), (checkpointed, b)) = (&runs[0], &runs[1]);
             let what = format!("{name}, packing {packing}");

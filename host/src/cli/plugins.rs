@@ -1,0 +1,276 @@
+//! Plugins on the command line: loading a config with its plugins (and their `configure`
+//! hook), the training loop's hooks, the model hooks, and the `axl plugin` and
+//! `axl config-schema` commands.
+
+use anyhow::{bail, Context};
+use axl_plugin_api::payload::{
+    Control, Event, LossBatch, ModelInfo, OptimizerContext, ParameterInfo, RunContext,
+    ScheduleContext,
+};
+use axl_plugin_api::{Gradient, Hook, TensorView};
+
+use crate::config::{LoadedConfig, PluginKeys};
+use crate::model::tokenizer::ModelTokenizer;
+use crate::model::{CausalLm, ModelError};
+use crate::plugins::services::LoadedModel;
+use crate::plugins::{PluginFailure, PluginManager, Services};
+use crate::train::hooks::LoopHooks;
+use crate::train::optimizer::OptimizerSettings;
+
+/// Reads and validates a configuration with its plugins loaded, prints its warnings, and runs
+/// the plugins' `configure` hook for `command`.
+pub fn load_config(
+    path: &std::path::Path,
+    overrides: &[String],
+    command: &str,
+) -> anyhow::Result<(LoadedConfig, PluginManager)> {
+    let mut manager = None;
+    let cfg = LoadedConfig::load_with_plugins(path, overrides, &mut |request| {
+        let loaded = PluginManager::load(request.specs, request.base_dir, &request.output_dir)
+            .map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        let keys = loaded.config_keys()?;
+        manager = Some(loaded);
+        Ok::<PluginKeys, Vec<String>>(keys)
+    })?;
+    for warning in &cfg.warnings {
+        eprintln!("warning: {}: {warning}", cfg.path.display());
+    }
+    let mut manager = manager.unwrap_or_default();
+    let run = run_context(&cfg, command);
+    manager
+        .configure(&run, &mut Services::default())
+        .with_context(|| format!("{}", cfg.path.display()))?;
+    Ok((cfg, manager))
+}
+
+/// The run as plugins see it.
+pub fn run_context(cfg: &LoadedConfig, command: &str) -> RunContext {
+    RunContext {
+        command: command.to_string(),
+        config: cfg.json.clone(),
+        config_path: cfg.path.display().to_string(),
+        output_dir: cfg.output_dir().display().to_string(),
+    }
+}
+
+/// The model as the model hooks see it.
+pub fn model_info(model: &CausalLm) -> ModelInfo {
+    let mut parameters = Vec::new();
+    model.visit_params(&mut |name, param| {
+        parameters.push(ParameterInfo {
+            name: name.to_string(),
+            shape: param.tensor().dims().to_vec(),
+            trainable: param.var().is_some(),
+        })
+    });
+    ModelInfo {
+        model_type: model.config.architecture.model_type().to_string(),
+        config: serde_json::Value::Object(model.config.raw.clone()),
+        parameters,
+    }
+}
+
+/// Calls a model hook (`post_model_build`, `pre_lora_load`, `post_lora_load`) with the model
+/// reachable through the host services.
+pub fn model_event(
+    manager: &mut PluginManager,
+    hook: Hook,
+    model: &CausalLm,
+    tokenizer: &ModelTokenizer,
+) -> Result<(), PluginFailure> {
+    if !manager.has(hook) {
+        return Ok(());
+    }
+    let loaded = LoadedModel { model, tokenizer };
+    let mut services = Services::with_tokenizer(tokenizer);
+    services.model = Some(&loaded);
+    manager.model_event(hook, &model_info(model), &mut services)
+}
+
+/// `post_model_load`: applies the plugins' merged trainable policy to the model.
+pub fn apply_trainable_policy(
+    manager: &mut PluginManager,
+    model: &mut CausalLm,
+    tokenizer: &ModelTokenizer,
+) -> anyhow::Result<()> {
+    if !manager.has(Hook::PostModelLoad) {
+        return Ok(());
+    }
+    let policy = {
+        let loaded = LoadedModel {
+            model: &*model,
+            tokenizer,
+        };
+        let mut services = Services::with_tokenizer(tokenizer);
+        services.model = Some(&loaded);
+        manager.post_model_load(&model_info(model), &mut services)?
+    };
+    let info = model_info(model);
+    for (name, choice) in &policy {
+        if !info.parameters.iter().any(|p| &p.name == name) {
+            bail!(
+                "plugin `{}` sets whether `{name}` trains, but the model has no such parameter",
+                choice.plugin
+            );
+        }
+    }
+    let mut failure = None;
+    model.map_params(
+        &mut |name, param| match policy.get(name).and_then(|c| c.value.as_bool()) {
+            Some(true) if param.var().is_none() => match param.to_trainable() {
+                Ok(p) => p,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    param.clone()
+                }
+            },
+            Some(false) => param.to_frozen(),
+            _ => param.clone(),
+        },
+    );
+    if let Some(e) = failure {
+        bail!("making a parameter trainable: {e}");
+    }
+    let changed = policy.len();
+    if changed > 0 {
+        eprintln!("plugins set whether {changed} parameters train");
+    }
+    Ok(())
+}
+
+/// `create_optimizer`: the first plugin's optimizer over the configured settings.
+pub fn optimizer_settings(
+    manager: &mut PluginManager,
+    configured: &OptimizerSettings,
+    context: OptimizerContext,
+) -> anyhow::Result<OptimizerSettings> {
+    if !manager.has(Hook::CreateOptimizer) {
+        return Ok(configured.clone());
+    }
+    match manager.create_optimizer(&context, &mut Services::default())? {
+        Some(answer) => {
+            let settings = configured
+                .with_spec(&answer.value)
+                .map_err(|e| anyhow::anyhow!("plugin `{}` {e}", answer.plugin))?;
+            eprintln!(
+                "plugin `{}` chose the optimizer {} ({} parameter groups)",
+                answer.plugin,
+                answer.value.optimizer,
+                answer.value.groups.len()
+            );
+            Ok(settings)
+        }
+        None => Ok(configured.clone()),
+    }
+}
+
+/// The training loop's hooks, served by the plugins.
+pub struct PluginLoop<'m> {
+    /// The plugins.
+    pub manager: &'m mut PluginManager,
+    /// The tokenizer.
+    pub tokenizer: &'m ModelTokenizer,
+    metrics: Vec<(String, f64)>,
+}
+
+impl<'m> PluginLoop<'m> {
+    /// The loop hooks of `manager`.
+    pub fn new(manager: &'m mut PluginManager, tokenizer: &'m ModelTokenizer) -> Self {
+        Self {
+            manager,
+            tokenizer,
+            metrics: Vec::new(),
+        }
+    }
+
+    fn with_services<T>(
+        &mut self,
+        model: &CausalLm,
+        f: impl FnOnce(&mut PluginManager, &mut Services<'_>) -> Result<T, PluginFailure>,
+    ) -> Result<T, ModelError> {
+        let loaded = LoadedModel {
+            model,
+            tokenizer: self.tokenizer,
+        };
+        let mut services = Services::with_tokenizer(self.tokenizer);
+        services.model = Some(&loaded);
+        let result = f(self.manager, &mut services);
+        self.metrics.append(&mut services.metrics);
+        result.map_err(|e| ModelError::Invalid(e.to_string()))
+    }
+}
+
+impl LoopHooks for PluginLoop<'_> {
+    fn wants(&self, hook: Hook) -> bool {
+        self.manager.has(hook)
+    }
+
+    fn event(&mut self, model: &CausalLm, event: &Event) -> Result<Control, ModelError> {
+        if !self.manager.has(event.hook) {
+            return Ok(Control::default());
+        }
+        self.with_services(model, |m, s| m.event(event, s))
+    }
+
+    fn learning_rate(
+        &mut self,
+        model: &CausalLm,
+        context: &ScheduleContext,
+    ) -> Result<Option<f64>, ModelError> {
+        self.with_services(model, |m, s| m.lr_schedule(context, s))
+            .map(|answer| answer.map(|c| c.value))
+    }
+
+    fn loss(
+        &mut self,
+        model: &CausalLm,
+        logits: TensorView<'_>,
+        grad: &mut [f32],
+        batch: &LossBatch,
+    ) -> Result<Option<f64>, ModelError> {
+        self.with_services(model, |m, s| m.compute_loss(logits, grad, batch, s))
+            .map(|answer| answer.map(|c| c.value))
+    }
+
+    fn gradients(
+        &mut self,
+        model: &CausalLm,
+        gradients: &mut [Gradient<'_>],
+    ) -> Result<(), ModelError> {
+        self.with_services(model, |m, s| m.on_gradients(gradients, s))
+    }
+
+    fn take_metrics(&mut self) -> Vec<(String, f64)> {
+        std::mem::take(&mut self.metrics)
+    }
+}
+
+/// `pre_model_load`: the plugins' kernel choices for the model about to load. The host has
+/// no selectable kernels yet, so any choice is refused by name rather than ignored.
+pub fn choose_kernels(
+    manager: &mut PluginManager,
+    tokenizer: &ModelTokenizer,
+    config: serde_json::Value,
+) -> anyhow::Result<()> {
+    if !manager.has(Hook::PreModelLoad) {
+        return Ok(());
+    }
+    let info = ModelInfo {
+        model_type: config
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        config,
+        parameters: Vec::new(),
+    };
+    let choices = manager.pre_model_load(&info, &mut Services::with_tokenizer(tokenizer))?;
+    if let Some((kernel, choice)) = choices.iter().next() {
+        bail!(
+            "plugin `{}` chose the kernel `{kernel}` = {}, but this axl has no selectable kernels",
+            choice.plugin,
+            choice.value
+        );
+    }
+    Ok(())
+}

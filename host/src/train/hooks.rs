@@ -1,0 +1,62 @@
+//! The plugin hook points inside the training loop, as the loop sees them: a trait the
+//! plugin host implements, so that the loop knows nothing of how plugins are reached.
+
+use axl_plugin_api::payload::{Control, Event, LossBatch, ScheduleContext};
+use axl_plugin_api::{Gradient, Hook, TensorView};
+
+use crate::model::{CausalLm, ModelError};
+
+/// What plugins may do inside the loop. Every method has a default that does nothing, and
+/// `()` implements none.
+pub trait LoopHooks {
+    /// Whether some plugin implements `hook` (the loop skips preparing a call otherwise).
+    fn wants(&self, hook: Hook) -> bool {
+        let _ = hook;
+        false
+    }
+
+    /// A loop event; the answer may ask to stop training.
+    fn event(&mut self, model: &CausalLm, event: &Event) -> Result<Control, ModelError> {
+        let _ = (model, event);
+        Ok(Control::default())
+    }
+
+    /// The step's learning rate instead of the scheduled one.
+    fn learning_rate(
+        &mut self,
+        model: &CausalLm,
+        context: &ScheduleContext,
+    ) -> Result<Option<f64>, ModelError> {
+        let _ = (model, context);
+        Ok(None)
+    }
+
+    /// A micro-batch's loss from its logits, the gradient written into `grad`.
+    fn loss(
+        &mut self,
+        model: &CausalLm,
+        logits: TensorView<'_>,
+        grad: &mut [f32],
+        batch: &LossBatch,
+    ) -> Result<Option<f64>, ModelError> {
+        let _ = (model, logits, grad, batch);
+        Ok(None)
+    }
+
+    /// Edits the step's gradients in place.
+    fn gradients(
+        &mut self,
+        model: &CausalLm,
+        gradients: &mut [Gradient<'_>],
+    ) -> Result<(), ModelError> {
+        let _ = (model, gradients);
+        Ok(())
+    }
+
+    /// Metrics plugins reported since the last call.
+    fn take_metrics(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
+}
+
+impl LoopHooks for () {}
