@@ -158,9 +158,9 @@ macro_rules! __export_component {
                 {
                     with_plugin(|p| $crate::wasm::on_gradients(p, gradients))
                 }
-    }
+            }
 
-            $crate::wasm::bindings::export!(Component with_types_in $crate::wasm::bindings);
+    $crate::wasm::bindings::export!(Component with_types_in $crate::wasm::bindings);
         };
     };
 }

@@ -16,7 +16,7 @@ use crate::train::step;
 pub const EVAL_RESULTS_FILE: &str = "eval_results.json";
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let cfg = super::load_config(&args.config, &args.overrides)?;
+    let (cfg, _plugins) = super::plugins::load_config(&args.config, &args.overrides, "evaluate")?;
     let settings = TrainSettings::from_config(&cfg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
     let hub = HubSettings::from_env();

@@ -131,7 +131,7 @@ fn prompter(
 }
 
 pub fn run(args: InferenceArgs) -> anyhow::Result<()> {
-    let cfg = super::load_config(&args.config, &[])?;
+    let (cfg, _plugins) = super::plugins::load_config(&args.config, &[], "inference")?;
     let overrides = args.model.overrides();
     let sources = setup::model_sources(&cfg, &overrides, &HubSettings::from_env())?;
     let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;

@@ -9,7 +9,7 @@ use crate::model::{lora, save, LoadOptions};
 use crate::setup;
 
 pub fn run(args: MergeLoraArgs) -> anyhow::Result<()> {
-    let cfg = super::load_config(&args.config, &[])?;
+    let (cfg, _plugins) = super::plugins::load_config(&args.config, &[], "merge-lora")?;
     let overrides = args.model.overrides();
     let adapter_dir = setup::trained_adapter_dir(&cfg, &overrides)
         .context("no adapter to merge: set lora_model_dir or pass --lora-model-dir")?;

@@ -3,8 +3,10 @@
 mod evaluate;
 mod inference;
 mod merge_lora;
+mod plugin_cmd;
 pub mod plugins;
 mod preprocess;
+pub mod scaffold;
 mod train;
 
 use std::path::PathBuf;
@@ -34,12 +36,56 @@ pub enum Command {
     /// Evaluate the model (with its trained adapter) on the evaluation set; writes
     /// <output_dir>/eval_results.json.
     Evaluate(TrainArgs),
+    /// Scaffold, inspect and list plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Print the JSON schema of a configuration: axl's keys, and those of the plugins CONFIG
+    /// loads.
+    ConfigSchema {
+        /// A configuration whose plugins' keys to include.
+        config: Option<PathBuf>,
+    },
+    /// A command a plugin provides (`axl lm-eval config.yml ...`): the config comes first.
+    #[command(external_subcommand)]
+    External(Vec<String>),
+}
+
+/// `axl plugin ...`.
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Write a new plugin crate that builds offline and loads as it is.
+    New {
+        /// The plugin's name (lowercase letters, digits, `_`).
+        name: String,
+        /// WebAssembly component (sandboxed) or native library (trusted).
+        #[arg(long, value_enum, default_value = "wasm")]
+        kind: scaffold::Kind,
+        /// What the plugin starts as.
+        #[arg(long, value_enum, default_value = "callback")]
+        template: scaffold::Template,
+        /// Where to write it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Show what a plugin file is and whether this axl can load it.
+    Check {
+        /// A .wasm component or a native library.
+        file: PathBuf,
+    },
+    /// Show the plugins a configuration loads, in order.
+    List {
+        /// The configuration file.
+        config: PathBuf,
+    },
 }
 
 impl Command {
     /// Whether the command runs a model (and so allocates tensors at a high rate).
     pub fn runs_a_model(&self) -> bool {
-        !matches!(self, Self::Preprocess(_))
+        !matches!(
+            self,
+            Self::Preprocess(_) | Self::Plugin(_) | Self::ConfigSchema { .. }
+        )
     }
 }
 
@@ -150,18 +196,6 @@ pub struct InferenceArgs {
     pub prompter: Option<String>,
 }
 
-/// Reads and validates a configuration with command-line overrides, printing its warnings.
-fn load_config(
-    path: &std::path::Path,
-    overrides: &[String],
-) -> Result<crate::config::LoadedConfig, crate::config::ConfigError> {
-    let cfg = crate::config::LoadedConfig::load_with_overrides(path, overrides)?;
-    for warning in &cfg.warnings {
-        eprintln!("warning: {}: {warning}", cfg.path.display());
-    }
-    Ok(cfg)
-}
-
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -170,6 +204,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Preprocess(args) => preprocess::run(args),
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Plugin(PluginCommand::New {
+            name,
+            kind,
+            template,
+            dir,
+        }) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            scaffold::new(&name, kind, template, &dir)
+        }
+        Command::Plugin(PluginCommand::Check { file }) => plugin_cmd::check(&file),
+        Command::Plugin(PluginCommand::List { config }) => plugin_cmd::list(&config),
+        Command::ConfigSchema { config } => plugin_cmd::config_schema(config.as_deref()),
+        Command::External(args) => plugin_cmd::external(&args),
     }
 }
 

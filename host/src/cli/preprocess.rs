@@ -19,7 +19,7 @@ const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
 
 pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
-    let cfg = super::load_config(&args.config, &[])?;
+    let (cfg, _plugins) = super::plugins::load_config(&args.config, &[], "preprocess")?;
     let hub = HubSettings::from_env();
     let sources = setup::model_sources(&cfg, &args.model.overrides(), &hub)?;
     let tokenizer = setup::load_configured_tokenizer(&cfg, &sources)?;

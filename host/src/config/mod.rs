@@ -290,6 +290,22 @@ pub struct LoadedConfig {
     pub json: serde_json::Value,
 }
 
+/// Every top-level key axl itself reads.
+pub fn host_keys() -> impl Iterator<Item = &'static str> {
+    AXL_KEYS
+        .iter()
+        .chain(training::TRAINING_KEYS)
+        .chain(attention::COMPUTED_FLAGS)
+        .copied()
+        .chain([
+            "datasets",
+            "test_datasets",
+            "pretraining_dataset",
+            "plugins",
+            "attn_implementation",
+        ])
+}
+
 /// Where a run writes when `output_dir` is not set (Axolotl's default).
 pub const DEFAULT_OUTPUT_DIR: &str = "./model-out";
 
@@ -569,15 +585,7 @@ impl LoadedConfig {
     /// Reads and validates a configuration file with command-line overrides applied
     /// (see [`parse_overrides`]).
     pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            path: path.to_path_buf(),
-            problems: vec![Problem {
-                key: "(file)".into(),
-                line: None,
-                message: format!("cannot read: {e}"),
-            }],
-        })?;
-        Self::from_str_with_overrides(&text, path, overrides)
+        Self::load_with_plugins(path, overrides, &mut load_plugins_for_keys)
     }
 
     /// [`Self::from_str`] with command-line overrides applied before validation.

@@ -548,9 +548,9 @@ impl PluginManager {
         call: &CommandCall,
         services: &mut Services<'_>,
     ) -> Result<(), PluginFailure> {
-        let Some(i) = self.provider_index(Hook::Commands, |m| {
-            m.provides.commands.contains(&call.name)
-        }) else {
+        let Some(i) =
+            self.provider_index(Hook::Commands, |m| m.provides.commands.contains(&call.name))
+        else {
             return Err(PluginFailure::Failed {
                 plugin: "(none)".into(),
                 hook: Hook::Commands,
