@@ -11,6 +11,7 @@ mod generation;
 mod hub_download;
 mod lora;
 mod packing;
+mod plugins;
 mod resolve;
 mod tokenizer;
 mod train;

@@ -128,7 +128,7 @@ fn warmup_defaults_follow_axolotl() {
     assert_eq!(warmup_steps(None, None, 20), 0);
 }
 
-fn examples(count: usize, seed: u64) -> Vec<axl::data::example::Tokenized> {
+pub(super) fn examples(count: usize, seed: u64) -> Vec<axl::data::example::Tokenized> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     (0..count)
@@ -146,7 +146,7 @@ fn examples(count: usize, seed: u64) -> Vec<axl::data::example::Tokenized> {
         .collect()
 }
 
-fn trainable_llama(lora: bool) -> axl::model::CausalLm {
+pub(super) fn trainable_llama(lora: bool) -> axl::model::CausalLm {
     use axl::model::lora::{self, LoraSettings, TargetModules};
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
     let options = axl::model::LoadOptions {
@@ -228,7 +228,7 @@ fn loss_and_gradients_do_not_depend_on_the_accumulation_split() {
 }
 
 /// A configuration training the llama fixture on 40 small alpaca rows written into `dir`.
-fn training_config(dir: &std::path::Path, extra: &str) -> PathBuf {
+pub(super) fn training_config(dir: &std::path::Path, extra: &str) -> PathBuf {
     use std::fmt::Write as _;
     let words = [
         "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "big", "red", "tree",

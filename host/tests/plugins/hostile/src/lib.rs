@@ -53,8 +53,11 @@ impl Plugin for Hostile {
             }
             "allocate" => {
                 let mib: usize = arg.parse().unwrap_or(4096);
-                let block = vec![1u8; mib << 20];
-                host.log(LogLevel::Info, &format!("allocated {}", block.len()));
+                let blocks: Vec<Vec<u8>> = (0..mib / 16).map(|_| vec![1u8; 16 << 20]).collect();
+                host.log(
+                    LogLevel::Info,
+                    &format!("allocated {} MiB", blocks.len() * 16),
+                );
                 Ok(())
             }
             "write_file" => {
