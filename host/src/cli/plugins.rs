@@ -168,14 +168,14 @@ pub fn optimizer_settings(
 pub struct PluginLoop<'m> {
     /// The plugins.
     pub manager: &'m mut PluginManager,
-    /// The tokenizer.
-    pub tokenizer: &'m ModelTokenizer,
+    /// The tokenizer, if loaded.
+    pub tokenizer: Option<&'m ModelTokenizer>,
     metrics: Vec<(String, f64)>,
 }
 
 impl<'m> PluginLoop<'m> {
     /// The loop hooks of `manager`.
-    pub fn new(manager: &'m mut PluginManager, tokenizer: &'m ModelTokenizer) -> Self {
+    pub fn new(manager: &'m mut PluginManager, tokenizer: Option<&'m ModelTokenizer>) -> Self {
         Self {
             manager,
             tokenizer,
@@ -188,12 +188,14 @@ impl<'m> PluginLoop<'m> {
         model: &CausalLm,
         f: impl FnOnce(&mut PluginManager, &mut Services<'_>) -> Result<T, PluginFailure>,
     ) -> Result<T, ModelError> {
-        let loaded = LoadedModel {
-            model,
-            tokenizer: self.tokenizer,
-        };
-        let mut services = Services::with_tokenizer(self.tokenizer);
-        services.model = Some(&loaded);
+        let loaded = self
+            .tokenizer
+            .map(|tokenizer| LoadedModel { model, tokenizer });
+        let mut services = Services::default();
+        services.tokenizer = self.tokenizer;
+        services.model = loaded
+            .as_ref()
+            .map(|l| l as &dyn crate::plugins::ModelServices);
         let result = f(self.manager, &mut services);
         self.metrics.append(&mut services.metrics);
         result.map_err(|e| ModelError::Invalid(e.to_string()))

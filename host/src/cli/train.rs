@@ -202,7 +202,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .unwrap_or(DEFAULT_TRIGGER_FILE);
             (output_dir.join(name), d.check_interval)
         });
-    let mut hooks = super::plugins::PluginLoop::new(&mut plugins, &tokenizer);
+    let mut hooks = super::plugins::PluginLoop::new(&mut plugins, Some(&tokenizer));
     let report = run::run(
         &mut model,
         RunInputs {

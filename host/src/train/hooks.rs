@@ -4,6 +4,9 @@
 use axl_plugin_api::payload::{Control, Event, LossBatch, ScheduleContext};
 use axl_plugin_api::{Gradient, Hook, TensorView};
 
+use candle_core::{DType, Tensor};
+
+use crate::data::packing::Batch;
 use crate::model::{CausalLm, ModelError};
 
 /// What plugins may do inside the loop. Every method has a default that does nothing, and
@@ -60,3 +63,43 @@ pub trait LoopHooks {
 }
 
 impl LoopHooks for () {}
+
+/// The loss batch a `compute_loss` plugin receives for `batch`.
+fn loss_batch(batch: &Batch, trained_tokens: usize) -> LossBatch {
+    LossBatch {
+        input_ids: batch.input_ids.concat(),
+        labels: batch.labels.concat(),
+        rows: batch.input_ids.len(),
+        len: batch.input_ids.first().map_or(0, Vec::len),
+        normalizer: trained_tokens as f64,
+        fields: Default::default(),
+    }
+}
+
+/// A micro-batch's loss from the `compute_loss` hook: the logits handed over as a view, the
+/// plugin's gradient returned as a tensor of the logits' shape and dtype (see
+/// [`crate::train::step::LossHook`]).
+pub fn loss_through_hooks(
+    hooks: &mut dyn LoopHooks,
+    model: &CausalLm,
+    logits: &Tensor,
+    batch: &Batch,
+    trained_tokens: usize,
+) -> Result<Option<(f64, Tensor)>, ModelError> {
+    let shape = logits.dims().to_vec();
+    let values = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut grad = vec![0f32; values.len()];
+    let view = TensorView {
+        shape: &shape,
+        data: &values,
+    };
+    let Some(loss) = hooks.loss(model, view, &mut grad, &loss_batch(batch, trained_tokens))? else {
+        return Ok(None);
+    };
+    let grad =
+        Tensor::from_vec(grad, shape.as_slice(), model.device())?.to_dtype(logits.dtype())?;
+    Ok(Some((loss, grad)))
+}

@@ -13,11 +13,11 @@ use crate::data::example::Tokenized;
 use crate::fsio;
 use crate::model::{CausalLm, ModelError};
 
-use axl_plugin_api::payload::{Event, LossBatch, ScheduleContext, TrainState};
-use axl_plugin_api::{Gradient, Hook, TensorView, TensorViewMut};
+use axl_plugin_api::payload::{Event, ScheduleContext, TrainState};
+use axl_plugin_api::{Gradient, Hook, TensorViewMut};
 
 use super::checkpoint::{self, Progress};
-use super::hooks::LoopHooks;
+use super::hooks::{loss_through_hooks, LoopHooks};
 use super::optimizer::Optimizer;
 use super::plan::{self, TrainSettings};
 use super::schedule::{warmup_steps, Schedule};
@@ -66,18 +66,6 @@ fn event(hook: Hook, progress: &Progress, total_steps: usize, metrics: &[(&str, 
         },
         metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         dir: None,
-    }
-}
-
-/// The loss batch a `compute_loss` plugin receives for `batch`.
-fn loss_batch(batch: &crate::data::packing::Batch, trained_tokens: usize) -> LossBatch {
-    LossBatch {
-        input_ids: batch.input_ids.concat(),
-        labels: batch.labels.concat(),
-        rows: batch.input_ids.len(),
-        len: batch.input_ids.first().map_or(0, Vec::len),
-        normalizer: trained_tokens as f64,
-        fields: Default::default(),
     }
 }
 
@@ -376,26 +364,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
             let mut loss_hook = |logits: &candle_core::Tensor,
                                  batch: &crate::data::packing::Batch,
                                  trained_tokens: usize| {
-                let shape = logits.dims().to_vec();
-                let values = logits
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let mut grad = vec![0f32; values.len()];
-                let view = TensorView {
-                    shape: &shape,
-                    data: &values,
-                };
-                let answer =
-                    hooks.loss(model, view, &mut grad, &loss_batch(batch, trained_tokens))?;
-                answer
-                    .map(|loss| {
-                        let grad =
-                            candle_core::Tensor::from_vec(grad, shape.as_slice(), model.device())?
-                                .to_dtype(logits.dtype())?;
-                        Ok((loss, grad))
-                    })
-                    .transpose()
+                loss_through_hooks(hooks, model, logits, batch, trained_tokens)
             };
             let (mut grads, mut outcome) = step::accumulate(
                 model,

@@ -330,3 +330,173 @@ fn hooks_run_in_list_order_and_conflicts_name_both_plugins() {
         errors[0]
     );
 }
+
+/// Cross-entropy computed by a plugin, with its gradient w.r.t. the logits.
+#[derive(Default)]
+struct PluginCrossEntropy;
+
+impl Plugin for PluginCrossEntropy {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            name: "test_cross_entropy".into(),
+            version: "0.1.0".into(),
+            api_version: API_VERSION,
+            description: String::new(),
+            hooks: vec![Hook::ComputeLoss],
+            config_schema: Default::default(),
+            provides: Default::default(),
+        }
+    }
+
+    fn compute_loss(
+        &mut self,
+        logits: axl_plugin_api::TensorView<'_>,
+        grad: axl_plugin_api::TensorViewMut<'_>,
+        batch: &axl_plugin_api::payload::LossBatch,
+        _host: &mut dyn Host,
+    ) -> Result<Option<f64>, PluginError> {
+        let vocab = *logits.shape.last().unwrap();
+        let mut loss = 0.0;
+        for row in 0..batch.rows {
+            for t in 0..batch.len - 1 {
+                let target = batch.labels[row * batch.len + t + 1];
+                if target < 0 {
+                    continue;
+                }
+                let at = (row * batch.len + t) * vocab;
+                let x = &logits.data[at..at + vocab];
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+                loss += max + sum.ln() - x[target as usize] as f64;
+                let g = &mut grad.data[at..at + vocab];
+                for (g, &v) in g.iter_mut().zip(x) {
+                    *g = ((v as f64 - max).exp() / sum / batch.normalizer) as f32;
+                }
+                g[target as usize] -= (1.0 / batch.normalizer) as f32;
+            }
+        }
+        Ok(Some(loss / batch.normalizer))
+    }
+}
+
+axl_plugin_api::register_builtin!(PluginCrossEntropy, "test_cross_entropy");
+
+/// A plugin's cross-entropy gives the built-in loss and, through the host's backward pass,
+/// the same gradients and the same parameter update.
+#[test]
+fn a_plugin_cross_entropy_trains_like_the_builtin_loss() {
+    use axl::cli::plugins::PluginLoop;
+    use axl::train::hooks::loss_through_hooks;
+    use axl::train::optimizer::Optimizer;
+    use axl::train::plan::{micro_batches, TrainSettings};
+    use axl::train::step::{accumulate, apply};
+    let data = super::train::examples(6, 5);
+    let refs: Vec<&axl::data::example::Tokenized> = data.iter().collect();
+    let mut config = axl::config::AxlConfig::default();
+    config.training.learning_rate = Some(axl::config::training::Number::Number(1e-3));
+    config.sequence_len = 64;
+    config.micro_batch_size = 2;
+    // SGD: the update is proportional to the gradient, so it shows any difference in it
+    // (Adam's first step is the gradient's sign).
+    config.training.optimizer = "sgd".into();
+    let settings = TrainSettings::from_config(&config).unwrap();
+    let batches = micro_batches(&refs, &settings, false, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for through_plugin in [false, true] {
+        let model = super::train::trainable_llama(false);
+        let params = model.trainable_params();
+        let specs = [spec(
+            Source::Builtin("test_cross_entropy".into()),
+            Sandbox::default(),
+        )];
+        let mut manager = PluginManager::load(&specs, dir.path(), dir.path()).unwrap();
+        let mut hooks = PluginLoop::new(&mut manager, None);
+        let mut hook = |logits: &candle_core::Tensor, batch: &_, trained: usize| {
+            loss_through_hooks(&mut hooks, &model, logits, batch, trained)
+        };
+        let (grads, outcome) = accumulate(
+            &model,
+            &params,
+            &batches,
+            false,
+            if through_plugin {
+                Some(&mut hook)
+            } else {
+                None
+            },
+        )
+        .unwrap();
+        let mut optimizer = Optimizer::new(settings.optimizer.clone());
+        apply(&mut optimizer, &params, &grads, 1e-3).unwrap();
+        let updated: Vec<Vec<f32>> = params
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        runs.push((outcome, grads.to_vecs(&params).unwrap(), updated));
+    }
+    let (builtin, plugin) = (&runs[0], &runs[1]);
+    assert!(
+        (builtin.0.loss - plugin.0.loss).abs() < 1e-5 * builtin.0.loss,
+        "loss {} vs {}",
+        builtin.0.loss,
+        plugin.0.loss
+    );
+    assert!((builtin.0.grad_norm - plugin.0.grad_norm).abs() < 1e-4 * builtin.0.grad_norm);
+    let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max)
+    };
+    assert!(max_diff(&builtin.1, &plugin.1) < 1e-5, "gradients differ");
+    assert!(max_diff(&builtin.2, &plugin.2) < 1e-6, "updates differ");
+}
+
+/// `axl train` with a native early-stopping plugin and a WebAssembly reward plugin: the
+/// plugin's keys are validated, it stops the run, and the model is saved; `axl plugin list`
+/// shows both in order; a misspelled plugin key is an error naming it.
+#[test]
+fn axl_train_runs_with_native_and_wasm_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = format!(
+        "plugins:\n  - {}\n  - path: {}\n    timeout_ms: 5000\n",
+        native("early_stopping").display(),
+        wasm("exact_answer").display()
+    );
+    let extra = format!(
+        "{plugins}num_epochs: 4\nval_set_size: 0.2\neval_steps: 1\nearly_stop_patience: 1\noptimizer: sgd\noutput_dir: {}\n",
+        dir.path().join("out").display()
+    );
+    let config = super::train::training_config(dir.path(), &extra);
+    let out = super::common::axl("train", &config, &["--learning-rate", "2.0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("[early_stopping] info: eval_loss has not improved"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("a plugin asked to stop training"),
+        "{stderr}"
+    );
+    assert!(dir.path().join("out/model.safetensors").is_file());
+
+    let listed = super::common::axl("plugin", Path::new("list"), &[config.to_str().unwrap()]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let early = listed.find("early_stopping 0.1.0 (native library").unwrap();
+    let reward = listed.find("exact_answer 0.1.0 (wasm component").unwrap();
+    assert!(early < reward, "{listed}");
+
+    let misspelled =
+        super::train::training_config(dir.path(), &format!("{plugins}early_stop_patients: 1\n"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["train", misspelled.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("early_stop_patients: unknown key"),
+        "{stderr}"
+    );
+}
