@@ -10,6 +10,7 @@ use axl_plugin_api::payload::{
 use axl_plugin_api::{Gradient, Hook, TensorView};
 
 use crate::config::{LoadedConfig, PluginKeys};
+use crate::data::strategy::PluginFormats;
 use crate::model::tokenizer::ModelTokenizer;
 use crate::model::{CausalLm, ModelError};
 use crate::plugins::services::LoadedModel;
@@ -25,7 +26,7 @@ pub fn load_config(
     command: &str,
 ) -> anyhow::Result<(LoadedConfig, PluginManager)> {
     let mut manager = None;
-    let cfg = LoadedConfig::load_with_plugins(path, overrides, &mut |request| {
+    let mut cfg = LoadedConfig::load_with_plugins(path, overrides, &mut |request| {
         let loaded = PluginManager::load(request.specs, request.base_dir, &request.output_dir)
             .map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
         let keys = loaded.config_keys()?;
@@ -36,6 +37,17 @@ pub fn load_config(
         eprintln!("warning: {}: {warning}", cfg.path.display());
     }
     let mut manager = manager.unwrap_or_default();
+    let strategies = manager
+        .strategy_plugins(&cfg.base_dir, &cfg.output_dir())
+        .map_err(|errors| {
+            anyhow::anyhow!(errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })?;
+    cfg.plugin_formats = strategies.map(|s| PluginFormats(std::sync::Arc::new(s)));
+    cfg.plugin_fingerprint = manager.data_fingerprint();
     let run = run_context(&cfg, command);
     manager
         .configure(&run, &mut Services::default())

@@ -288,6 +288,10 @@ pub struct LoadedConfig {
     pub plugin_settings: serde_json::Map<String, serde_json::Value>,
     /// The whole configuration as JSON (overrides applied), as plugins receive it.
     pub json: serde_json::Value,
+    /// Dataset types the plugins provide (set when the plugins are loaded for a run).
+    pub plugin_formats: Option<crate::data::strategy::PluginFormats>,
+    /// A hash of the code of the plugins that shape the prepared data.
+    pub plugin_fingerprint: String,
 }
 
 /// Every top-level key axl itself reads.
@@ -782,6 +786,8 @@ impl LoadedConfig {
             plugins,
             plugin_settings,
             json,
+            plugin_formats: None,
+            plugin_fingerprint: String::new(),
         })
     }
 

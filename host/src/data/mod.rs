@@ -92,6 +92,8 @@ pub fn prepare_cached_list(
         key.add_file(file)?;
     }
     key.add_tokenizer(&tokenizer.dir)?;
+    // The code of the plugins that format rows.
+    key.add_bytes(cfg.plugin_fingerprint.as_bytes());
     // Special tokens the configuration set on top of the tokenizer files.
     key.add_bytes(
         format!(
@@ -110,8 +112,14 @@ pub fn prepare_cached_list(
     if let Some(prepared) = cache::load(&dir)? {
         return Ok((prepared, CacheStatus { dir, reused: true }));
     }
-    let (examples, reports) =
-        pipeline::prepare_files(datasets, &files, &settings, tokenizer, &cfg.base_dir)?;
+    let (examples, reports) = pipeline::prepare_files(
+        datasets,
+        &files,
+        &settings,
+        tokenizer,
+        &cfg.base_dir,
+        cfg.plugin_formats.as_ref(),
+    )?;
     let prepared = cache::Prepared { examples, reports };
     cache::store(&dir, &prepared)?;
     Ok((prepared, CacheStatus { dir, reused: false }))

@@ -11,7 +11,7 @@ use super::error::{DataError, Result};
 use super::example::{tokenize, Tokenized};
 use super::hub;
 use super::source::{self, Format, Row};
-use super::strategy::{Strategy, StrategyContext};
+use super::strategy::{PluginFormats, Strategy, StrategyContext};
 use crate::model::resolve::HubSettings;
 use crate::model::tokenizer::ModelTokenizer;
 
@@ -234,6 +234,7 @@ pub fn strategy_context<'a>(
     settings: &'a DataSettings,
     tokenizer: &'a ModelTokenizer,
     base_dir: &'a Path,
+    plugins: Option<&'a PluginFormats>,
 ) -> StrategyContext<'a> {
     StrategyContext {
         train_on_inputs: settings.train_on_inputs,
@@ -249,6 +250,7 @@ pub fn strategy_context<'a>(
             .unwrap_or_default(),
         base_dir,
         tokenizer,
+        plugins,
     }
 }
 
@@ -261,7 +263,7 @@ pub fn prepare(
     base_dir: &Path,
 ) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
     let files = resolve_files(datasets, base_dir, hub_settings)?;
-    prepare_files(datasets, &files, settings, tokenizer, base_dir)
+    prepare_files(datasets, &files, settings, tokenizer, base_dir, None)
 }
 
 /// The files of every dataset (see [`dataset_files`]), errors naming the dataset.
@@ -287,8 +289,9 @@ pub fn prepare_files(
     settings: &DataSettings,
     tokenizer: &ModelTokenizer,
     base_dir: &Path,
+    plugins: Option<&PluginFormats>,
 ) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
-    let ctx = strategy_context(settings, tokenizer, base_dir);
+    let ctx = strategy_context(settings, tokenizer, base_dir, plugins);
     let mut merged = Vec::new();
     let mut reports = Vec::new();
     for (index, (ds, files)) in datasets.iter().zip(files).enumerate() {

@@ -10,6 +10,28 @@ use super::instruct::{kind_of, text_of, InstructStrategy};
 use super::source::Row;
 use crate::model::tokenizer::ModelTokenizer;
 
+/// Dataset types that plugins provide (`format_example`), formatted row by row.
+pub trait PluginFormat: Send + Sync {
+    /// Whether a plugin provides `dataset_type`.
+    fn provides(&self, dataset_type: &str) -> bool;
+    /// The row as text with trainable pieces; the error names the plugin.
+    fn format(
+        &self,
+        dataset_type: &str,
+        row: &serde_json::Map<String, Value>,
+    ) -> std::result::Result<TextExample, String>;
+}
+
+/// The plugins' dataset types, shared by the threads that format rows.
+#[derive(Clone)]
+pub struct PluginFormats(pub std::sync::Arc<dyn PluginFormat>);
+
+impl std::fmt::Debug for PluginFormats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginFormats")
+    }
+}
+
 /// What strategies need from the rest of the configuration.
 #[derive(Clone)]
 pub struct StrategyContext<'a> {
@@ -27,6 +49,8 @@ pub struct StrategyContext<'a> {
     pub base_dir: &'a std::path::Path,
     /// The tokenizer (for its chat template and special tokens).
     pub tokenizer: &'a ModelTokenizer,
+    /// Dataset types plugins provide.
+    pub plugins: Option<&'a PluginFormats>,
 }
 
 /// A prompt strategy.
@@ -48,6 +72,13 @@ pub enum Strategy {
     Pretokenized,
     /// Conversations rendered with a chat template.
     Chat(Box<ChatStrategy>),
+    /// A dataset type a plugin provides.
+    Plugin {
+        /// The `type:`.
+        dataset_type: String,
+        /// The plugins.
+        plugins: PluginFormats,
+    },
 }
 
 /// The type names axl implements, for error messages.
@@ -118,6 +149,12 @@ impl Strategy {
             }
             _ => {}
         }
+        if let Some(plugins) = ctx.plugins.filter(|p| p.0.provides(name)) {
+            return Ok(Self::Plugin {
+                dataset_type: name.to_string(),
+                plugins: plugins.clone(),
+            });
+        }
         if let Some(made) =
             InstructStrategy::by_name(name, ds.conversation.as_deref(), ctx.train_on_inputs)
         {
@@ -137,6 +174,14 @@ impl Strategy {
     pub fn format(&self, row: &Row) -> Result<Vec<Formatted>> {
         match self {
             Self::Instruct(s) => s.format(row).map(|f| vec![f]),
+            Self::Plugin {
+                dataset_type,
+                plugins,
+            } => plugins
+                .0
+                .format(dataset_type, &row.fields)
+                .map(|example| vec![Formatted::Text(example)])
+                .map_err(|message| row.error(message)),
             Self::Completion { field } => {
                 let text = match row.fields.get(field) {
                     Some(v) => text_of(row, field, v)?,

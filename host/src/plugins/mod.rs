@@ -255,10 +255,35 @@ impl PluginManager {
         }
     }
 
-    /// A hash of every loaded plugin's code, in order, for caches.
-    pub fn fingerprint(&self) -> String {
+    /// Instances of their own of the plugins that provide dataset types, to format rows
+    /// (from any thread, one row at a time); `None` when no plugin provides one.
+    pub fn strategy_plugins(
+        &self,
+        base_dir: &std::path::Path,
+        output_dir: &std::path::Path,
+    ) -> Result<Option<StrategyPlugins>, Vec<LoadError>> {
+        let specs: Vec<PluginSpec> = self
+            .plugins
+            .iter()
+            .filter(|p| !p.manifest.provides.strategies.is_empty())
+            .map(|p| p.spec.clone())
+            .collect();
+        if specs.is_empty() {
+            return Ok(None);
+        }
+        let manager = PluginManager::load(&specs, base_dir, output_dir)?;
+        Ok(Some(StrategyPlugins(std::sync::Mutex::new(manager))))
+    }
+
+    /// A hash of the code of the plugins that shape prepared data (those that provide
+    /// dataset types or load datasets), in order, for the preprocessing cache.
+    pub fn data_fingerprint(&self) -> String {
         self.plugins
             .iter()
+            .filter(|p| {
+                !p.manifest.provides.strategies.is_empty()
+                    || p.manifest.hooks.contains(&Hook::LoadDatasets)
+            })
             .map(|p| format!("{}={}", p.manifest.name, p.content_hash))
             .collect::<Vec<_>>()
             .join(";")
@@ -558,5 +583,39 @@ impl PluginManager {
             });
         };
         self.call_one(i, Hook::Commands, services, |p, h| p.run_command(call, h))
+    }
+}
+
+/// The plugins that provide dataset types, as the data pipeline reaches them.
+pub struct StrategyPlugins(std::sync::Mutex<PluginManager>);
+
+impl crate::data::strategy::PluginFormat for StrategyPlugins {
+    fn provides(&self, dataset_type: &str) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|m| m.strategy_provider(dataset_type).is_some())
+    }
+
+    fn format(
+        &self,
+        dataset_type: &str,
+        row: &Row,
+    ) -> Result<crate::data::example::TextExample, String> {
+        let mut manager = self
+            .0
+            .lock()
+            .map_err(|_| "a plugin failed while formatting another row".to_string())?;
+        let formatted = manager
+            .format_example(dataset_type, row, &mut Services::default())
+            .map_err(|e| e.to_string())?;
+        let pieces: Vec<(&str, bool)> = formatted
+            .segments
+            .iter()
+            .map(|s| (s.text.as_str(), s.train))
+            .collect();
+        let mut example = crate::data::example::TextExample::from_pieces(&pieces);
+        example.add_special_tokens = formatted.add_special_tokens;
+        example.append_eos = Some(formatted.append_eos);
+        Ok(example)
     }
 }

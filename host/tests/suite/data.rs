@@ -591,7 +591,7 @@ fn pretraining_dataset_streams_packed_batches_of_every_document_in_order() {
     .unwrap();
     let s = settings();
     let tok = tokenizer();
-    let ctx = axl::data::pipeline::strategy_context(&s, &tok, dir.path());
+    let ctx = axl::data::pipeline::strategy_context(&s, &tok, dir.path(), None);
     let (files, forced) = axl::data::pipeline::dataset_files(&ds, dir.path(), &offline()).unwrap();
     let mut stream = PretrainingStream::new(&ds, files, forced, ctx, 8, 2).unwrap();
     let mut text = String::new();

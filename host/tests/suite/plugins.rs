@@ -500,3 +500,52 @@ fn axl_train_runs_with_native_and_wasm_plugins() {
         "{stderr}"
     );
 }
+
+/// A dataset `type:` served by a WebAssembly plugin: `axl preprocess --debug` shows its
+/// text, with only the card's back trained.
+#[test]
+fn a_wasm_plugin_provides_a_dataset_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = "{\"front\": \"capital of France\", \"back\": \"Paris\"}\n{\"front\": \"2+2\", \"back\": \"4\"}\n";
+    std::fs::write(dir.path().join("cards.jsonl"), rows).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "base_model: {}\nplugins:\n  - {}\ndatasets:\n  - path: {}\n    type: flashcards\nsequence_len: 64\nmicro_batch_size: 1\ndataset_prepared_path: {}\n",
+            model.display(),
+            wasm("flashcards").display(),
+            dir.path().join("cards.jsonl").display(),
+            dir.path().join("prepared").display()
+        ),
+    )
+    .unwrap();
+    let out = super::common::axl(
+        "preprocess",
+        &config,
+        &["--debug", "--json", "--debug-num-examples", "2"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let text = first["text"].as_str().unwrap();
+    assert!(
+        text.contains("Front: capital of France\nBack: Paris"),
+        "{text}"
+    );
+    let trained: Vec<u32> = first["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(first["labels"].as_array().unwrap())
+        .filter(|(_, l)| l.as_i64() != Some(-100))
+        .map(|(id, _)| id.as_u64().unwrap() as u32)
+        .collect();
+    let tokenizer = axl::model::tokenizer::ModelTokenizer::load(&model).unwrap();
+    let trained_text = tokenizer.decode(&trained, false).unwrap();
+    assert!(
+        trained_text.trim_start().starts_with("Paris"),
+        "{trained_text}"
+    );
+    assert!(!trained_text.contains("Front"), "{trained_text}");
+}
