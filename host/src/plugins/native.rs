@@ -37,7 +37,7 @@ fn describe(error: LibraryError) -> String {
             rebuild_hint()
         ),
         LibraryError::AbiInstability(_) => format!(
-            "its types do not match this axl's plugin API {API_VERSION} (an ABI layout mismatch): {}",
+            "has types that do not match this axl's plugin API {API_VERSION} (an ABI layout mismatch): {}",
             rebuild_hint()
         ),
         LibraryError::InvalidAbiHeader(_) => format!(
@@ -62,8 +62,20 @@ pub struct NativePlugin {
 impl NativePlugin {
     /// Opens the library at `path`, checks it, and makes the plugin instance.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let module = lib_header_from_path(path)
-            .and_then(|header| header.init_root_module::<PluginModuleRef>())
+        let header = lib_header_from_path(path).map_err(describe)?;
+        // The API crate's version is the API version: compare it before the layouts, whose
+        // mismatch would otherwise be all a user learns.
+        let built_against = header.version_strings().version;
+        if let Some(version) = ApiVersion::parse(built_against.as_str()) {
+            if !API_VERSION.loads(version) {
+                return Err(format!(
+                    "was built against plugin API {version}, and this axl implements {API_VERSION}: {}",
+                    rebuild_hint()
+                ));
+            }
+        }
+        let module = header
+            .init_root_module::<PluginModuleRef>()
             .map_err(describe)?;
         let claimed = (module.api_version())().into_string();
         let version = ApiVersion::parse(&claimed)

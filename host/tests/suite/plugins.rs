@@ -549,3 +549,162 @@ fn a_wasm_plugin_provides_a_dataset_type() {
     );
     assert!(!trained_text.contains("Front"), "{trained_text}");
 }
+
+/// Runs cargo in `dir` with the shared target directory for generated plugin crates.
+fn cargo_build(dir: &Path, args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", target_dir().join("plugin-crates"))
+        .args(["build", "--offline"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo build in {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `axl plugin new` writes a crate that builds offline as it is and runs in `axl train`.
+#[test]
+fn a_scaffolded_plugin_builds_offline_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let crate_dir = dir.path().join("demo_callback");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["plugin", "new", "demo_callback", "--kind", "wasm", "--dir"])
+        .arg(&crate_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cargo_build(&crate_dir, &["--release", "--target", "wasm32-wasip2"]);
+    let artifact = target_dir().join("plugin-crates/wasm32-wasip2/release/demo_callback.wasm");
+    let config = super::train::training_config(
+        dir.path(),
+        &format!(
+            "plugins:\n  - {}\nmax_steps: 3\nval_set_size: 0\noutput_dir: {}\n",
+            artifact.display(),
+            dir.path().join("out").display()
+        ),
+    );
+    let out = super::common::axl("train", &config, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("[demo_callback] info: step 3: loss"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[demo_callback] info: training is over"),
+        "{stderr}"
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    assert!(
+        metrics.contains("\"demo_callback_steps_seen\":3.0"),
+        "{metrics}"
+    );
+}
+
+/// A native plugin built against another API version is refused with both versions and
+/// how to rebuild: the fixture is built against a copy of the API crate bumped to 0.2.0.
+#[test]
+fn a_plugin_built_against_another_api_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let copy = |from: &Path, to: &Path| {
+        for entry in walk(from) {
+            let relative = entry.strip_prefix(from).unwrap();
+            let target = to.join(relative);
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &target).unwrap();
+        }
+    };
+    copy(&root.join("plugin-api"), &dir.path().join("plugin-api"));
+    copy(&root.join("sdk"), &dir.path().join("sdk"));
+    let bump = |file: &Path, from: &str, to: &str| {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(text.contains(from), "{} lacks {from}", file.display());
+        std::fs::write(file, text.replacen(from, to, 1)).unwrap();
+    };
+    let api = dir.path().join("plugin-api");
+    bump(
+        &api.join("Cargo.toml"),
+        "version = \"0.1.0\"",
+        "version = \"0.2.0\"",
+    );
+    bump(&api.join("src/version.rs"), "minor: 1,", "minor: 2,");
+    let sdk = dir.path().join("sdk");
+    bump(
+        &sdk.join("Cargo.toml"),
+        "version = \"0.1.0\" }",
+        "version = \"0.2.0\" }",
+    );
+    let plugin = dir.path().join("old_api");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["plugin", "new", "old_api", "--kind", "dylib", "--dir"])
+        .arg(&plugin)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // One workspace of the three, with axl's own shared settings and lock file.
+    let cargo_toml = plugin.join("Cargo.toml");
+    let text = std::fs::read_to_string(&cargo_toml).unwrap();
+    let sdk_line = text
+        .lines()
+        .find(|l| l.starts_with("axl-sdk"))
+        .unwrap()
+        .to_string();
+    let text = text
+        .replace(&sdk_line, "axl-sdk = { path = \"../sdk\" }")
+        .replace("[workspace]\n", "");
+    std::fs::write(&cargo_toml, text).unwrap();
+    let workspace = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members_start = workspace.find("members = [").unwrap();
+    let members_end = members_start + workspace[members_start..].find(']').unwrap() + 1;
+    let workspace = format!(
+        "{}members = [\"plugin-api\", \"sdk\", \"old_api\"]{}",
+        &workspace[..members_start],
+        &workspace[members_end..]
+    );
+    std::fs::write(dir.path().join("Cargo.toml"), workspace).unwrap();
+    std::fs::copy(root.join("Cargo.lock"), dir.path().join("Cargo.lock")).unwrap();
+    cargo_build(&plugin, &[]);
+    let library = target_dir().join(format!(
+        "plugin-crates/debug/{}old_api{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    let specs = [spec(Source::Native(library), Sandbox::default())];
+    let errors = match PluginManager::load(&specs, dir.path(), dir.path()) {
+        Ok(_) => panic!("a plugin of API 0.2.0 loaded"),
+        Err(errors) => errors,
+    };
+    let message = errors[0].to_string();
+    assert!(
+        message.contains("built against plugin API 0.2.0")
+            && message.contains("this axl implements 0.1.0")
+            && message.contains("rebuild the plugin against axl-sdk 0.1.0"),
+        "{message}"
+    );
+}
+
+/// Every file under `dir`, skipping build output.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n != "target") {
+                files.extend(walk(&path));
+            }
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
