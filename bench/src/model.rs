@@ -19,8 +19,12 @@ use axl::model::hf_config::ModelConfig;
 use axl::model::lora::{self, LoraSettings, TargetModules};
 use axl::model::Precision;
 use axl::model::{CausalLm, LoadOptions};
+use axl::plugins::spec::parse_entry;
+use axl::plugins::{PluginManager, PluginSpec, Services};
 use axl::train::optimizer::{Optimizer, OptimizerSettings};
 use axl::train::step;
+use axl_plugin_api::payload::{Event, TrainState};
+use axl_plugin_api::Hook;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -111,18 +115,84 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let mut optimizer = Optimizer::new(OptimizerSettings::default());
     let mut last_loss = f64::NAN;
+    // `--plugins a.wasm,b.so`: the loop events of every step (on_step_end, and on_log as
+    // with logging_steps: 1) go to these plugins, timed apart from the rest of the step.
+    let mut plugins = match value("--plugins") {
+        Ok(list) => {
+            let specs: Vec<PluginSpec> = list
+                .split(',')
+                .map(|path| {
+                    parse_entry(&path.into(), &|p| std::path::PathBuf::from(p))
+                        .map_err(|e| anyhow::anyhow!(e))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let scratch = std::env::temp_dir().join("axl-bench-plugins");
+            Some(
+                PluginManager::load(&specs, std::path::Path::new("."), &scratch).map_err(|e| {
+                    anyhow::anyhow!(e
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "))
+                })?,
+            )
+        }
+        Err(_) => None,
+    };
+    let mut hook_seconds = 0.0;
+    let mut global_step = 0u64;
     let secs = seconds_per_step(steps, || {
         let (mut grads, outcome) =
             step::accumulate(&model, &params, &batches, checkpointing, None)?;
         grads.clip(outcome.grad_norm, 1.0)?;
         step::apply(&mut optimizer, &params, &grads, 1e-4)?;
         last_loss = outcome.loss;
+        global_step += 1;
+        if let Some(manager) = plugins.as_mut() {
+            let started = Instant::now();
+            let mut services = Services::default();
+            for (hook, metrics) in [
+                (Hook::OnStepEnd, vec![]),
+                (
+                    Hook::OnLog,
+                    vec![
+                        ("loss".to_string(), outcome.loss),
+                        ("grad_norm".to_string(), outcome.grad_norm),
+                        ("learning_rate".to_string(), 1e-4),
+                    ],
+                ),
+            ] {
+                let event = Event {
+                    hook,
+                    state: TrainState {
+                        global_step,
+                        max_steps: steps as u64 + 1,
+                        epoch: 0.0,
+                    },
+                    metrics: metrics.into_iter().collect(),
+                    dir: None,
+                };
+                manager.event(&event, &mut services)?;
+            }
+            hook_seconds += started.elapsed().as_secs_f64();
+        }
         Ok(())
     })?;
+    let hook_s = hook_seconds / (steps + 1) as f64;
+    let loaded: Vec<String> = plugins
+        .iter()
+        .flat_map(|m| {
+            m.plugins()
+                .iter()
+                .map(|p| format!("{} ({})", p.manifest.name, p.transport.name()))
+        })
+        .collect();
     Ok(json!({
         "shape": shape, "mode": mode, "bf16": bf16, "gradient_checkpointing": checkpointing,
         "batch": batch, "seq": seq, "steps": steps, "trainable_params": trainable,
         "tokens_per_s": (batch * seq) as f64 / secs, "step_s": secs, "last_loss": last_loss,
+        "plugins": loaded, "hook_s_per_step": hook_s,
+        "hook_share_of_step": hook_s / secs,
     }))
 }
 

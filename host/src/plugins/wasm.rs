@@ -9,6 +9,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -34,26 +35,69 @@ use axl::plugin::types;
 /// How often the epoch advances; call deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(5);
 
-/// The process's engine, with epoch interruption and a thread that advances the epoch.
-fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
+/// The process's engine, with epoch interruption, and the thread that advances the epoch
+/// while a call is running (and sleeps otherwise, so that it never takes a core from
+/// training).
+struct Runtime {
+    engine: Engine,
+    calls_running: AtomicUsize,
+    ticker: std::thread::Thread,
+}
+
+fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
         let mut config = Config::new();
         config.epoch_interruption(true);
         let engine = Engine::new(&config).expect("the default wasmtime configuration is valid");
         let weak = engine.weak();
-        std::thread::Builder::new()
+        let ticker = std::thread::Builder::new()
             .name("axl-wasm-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
+            .spawn(move || loop {
+                let running = RUNTIME
+                    .get()
+                    .is_none_or(|r| r.calls_running.load(Ordering::Acquire) > 0);
+                if !running {
+                    std::thread::park();
+                    continue;
+                }
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
                 }
             })
-            .expect("a thread can be started");
-        engine
+            .expect("a thread can be started")
+            .thread()
+            .clone();
+        Runtime {
+            engine,
+            calls_running: AtomicUsize::new(0),
+            ticker,
+        }
     })
+}
+
+fn engine() -> &'static Engine {
+    &runtime().engine
+}
+
+/// Keeps the epoch advancing while it lives.
+struct CallClock;
+
+impl CallClock {
+    fn start() -> Self {
+        let runtime = runtime();
+        runtime.calls_running.fetch_add(1, Ordering::AcqRel);
+        runtime.ticker.unpark();
+        CallClock
+    }
+}
+
+impl Drop for CallClock {
+    fn drop(&mut self) {
+        runtime().calls_running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Where compiled components are kept: `$AXL_CACHE_DIR/wasm`, else `$XDG_CACHE_HOME/axl/wasm`,
@@ -359,10 +403,10 @@ impl WasmPlugin {
         let mut store = Store::new(engine(), state);
         store.limiter(|s| s);
         store.set_epoch_deadline(self.deadline_ticks());
-        let plugin = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| self.failure(&store, e))?;
+        let clock = CallClock::start();
+        let plugin = self.pre.instantiate(&mut store);
+        drop(clock);
+        let plugin = plugin.map_err(|e| self.failure(&store, e))?;
         Ok((store, plugin))
     }
 
@@ -409,7 +453,9 @@ impl WasmPlugin {
                 std::mem::transmute::<*mut (dyn Host + '_), *mut (dyn Host + 'static)>(ptr)
             })
         });
+        let clock = CallClock::start();
         let result = f(store, plugin);
+        drop(clock);
         store.data_mut().host = None;
         match result {
             Ok(value) => Ok(value),

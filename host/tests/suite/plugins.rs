@@ -708,3 +708,218 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// A plugin that shapes the optimizer, the schedule and the gradients.
+#[derive(Default)]
+struct Shaping;
+
+impl Plugin for Shaping {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            name: "shaping".into(),
+            version: "0.1.0".into(),
+            api_version: API_VERSION,
+            description: String::new(),
+            hooks: vec![Hook::CreateOptimizer, Hook::LrSchedule, Hook::OnGradients],
+            config_schema: Default::default(),
+            provides: Default::default(),
+        }
+    }
+
+    fn create_optimizer(
+        &mut self,
+        context: &axl_plugin_api::payload::OptimizerContext,
+        _host: &mut dyn Host,
+    ) -> Result<Option<axl_plugin_api::payload::OptimizerSpec>, PluginError> {
+        assert!(!context.parameters.is_empty());
+        Ok(Some(axl_plugin_api::payload::OptimizerSpec {
+            optimizer: "sgd".into(),
+            groups: vec![axl_plugin_api::payload::ParameterGroup {
+                parameters: vec!["model.embed_tokens*".into()],
+                lr_scale: 0.0,
+                weight_decay: None,
+            }],
+            ..Default::default()
+        }))
+    }
+
+    fn lr_schedule(
+        &mut self,
+        context: &axl_plugin_api::payload::ScheduleContext,
+        _host: &mut dyn Host,
+    ) -> Result<Option<f64>, PluginError> {
+        Ok(Some(context.scheduled * 2.0))
+    }
+
+    fn on_gradients(
+        &mut self,
+        gradients: &mut [axl_plugin_api::Gradient<'_>],
+        _host: &mut dyn Host,
+    ) -> Result<(), PluginError> {
+        for g in gradients {
+            g.grad
+                .data
+                .iter_mut()
+                .for_each(|x| *x = x.clamp(-1e-3, 1e-3));
+        }
+        Ok(())
+    }
+}
+
+axl_plugin_api::register_builtin!(
+    Shaping,
+    "shaping",
+    aliases = ["axolotl.integrations.shaping.ShapingPlugin"]
+);
+
+/// `create_optimizer` is honoured (optimizer and parameter groups), `lr_schedule` replaces
+/// the scheduled rate, and `on_gradients` edits gradients in place; a built-in is found by
+/// its Axolotl import path.
+#[test]
+fn optimizer_schedule_and_gradient_hooks_are_honoured() {
+    use axl::train::optimizer::{Optimizer, OptimizerKind, OptimizerSettings};
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [spec(
+        Source::Builtin("axolotl.integrations.shaping.ShapingPlugin".into()),
+        Sandbox::default(),
+    )];
+    let mut manager = PluginManager::load(&specs, dir.path(), dir.path()).unwrap();
+    let model = super::train::trainable_llama(false);
+    let context = axl_plugin_api::payload::OptimizerContext {
+        optimizer: "adamw_torch".into(),
+        learning_rate: 1e-3,
+        weight_decay: 0.0,
+        parameters: axl::cli::plugins::model_info(&model).parameters,
+    };
+    let settings =
+        axl::cli::plugins::optimizer_settings(&mut manager, &OptimizerSettings::default(), context)
+            .unwrap();
+    assert_eq!(settings.kind, OptimizerKind::Sgd);
+    let mut optimizer = Optimizer::new(settings);
+    optimizer.begin_step();
+    let (mut embed, mut layer) = (vec![1.0f32; 4], vec![1.0f32; 4]);
+    optimizer.update(
+        "model.embed_tokens.weight",
+        &[2, 2],
+        &mut embed,
+        &[1.0; 4],
+        0.5,
+    );
+    optimizer.update(
+        "model.layers.0.mlp.up_proj.weight",
+        &[2, 2],
+        &mut layer,
+        &[1.0; 4],
+        0.5,
+    );
+    assert_eq!(
+        embed, [1.0; 4],
+        "the group's lr_scale 0 freezes the embedding"
+    );
+    assert_eq!(layer, [0.5; 4]);
+
+    let schedule = axl_plugin_api::payload::ScheduleContext {
+        step: 3,
+        total_steps: 10,
+        learning_rate: 1e-3,
+        scheduled: 4e-4,
+    };
+    let lr = manager
+        .lr_schedule(&schedule, &mut Services::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!((lr.plugin.as_str(), lr.value), ("shaping", 8e-4));
+
+    let mut data = vec![0.5f32, -2e-4, -0.7];
+    let shape = [3usize];
+    let mut gradients = [axl_plugin_api::Gradient {
+        name: "w",
+        grad: axl_plugin_api::TensorViewMut {
+            shape: &shape,
+            data: &mut data,
+        },
+    }];
+    manager
+        .on_gradients(&mut gradients, &mut Services::default())
+        .unwrap();
+    assert_eq!(data, [1e-3, -2e-4, -1e-3]);
+}
+
+/// The example reward function, as a WebAssembly component, scores completions against the
+/// rows' answers; `axl plugin check` describes it.
+#[test]
+fn the_wasm_reward_example_scores_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [spec(Source::Wasm(wasm("exact_answer")), Sandbox::default())];
+    let mut manager = PluginManager::load(&specs, dir.path(), dir.path()).unwrap();
+    let row = |answer: serde_json::Value| {
+        let mut row = Row::new();
+        row.insert("answer".into(), answer);
+        row
+    };
+    let batch = axl_plugin_api::payload::RewardBatch {
+        prompts: vec!["What is 6*7?".into(); 3],
+        completions: vec!["6*7 = 42".into(), "about 40".into(), "no idea".into()],
+        fields: vec![row(42.into()), row("#### 42".into()), Row::new()],
+    };
+    let scores = manager
+        .reward("exact_answer", &batch, &mut Services::default())
+        .unwrap();
+    assert_eq!(scores, [Some(1.0), Some(0.0), None]);
+    let err = manager
+        .reward("missing", &batch, &mut Services::default())
+        .unwrap_err();
+    assert!(err
+        .to_string()
+        .contains("no plugin provides the reward function `missing`"));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["plugin", "check"])
+        .arg(wasm("exact_answer"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("name:        exact_answer")
+            && stdout.contains("rewards: exact_answer")
+            && stdout.contains("loads:       yes"),
+        "{stdout}"
+    );
+}
+
+/// A plugin's subcommand runs as `axl NAME config.yml ...` (here it finds the clock standing
+/// still, as none was granted); a plugin command named like a core command loses to it; a
+/// trap in a loop event under `on_error: skip` is reported and training goes on.
+#[test]
+fn plugin_commands_run_and_core_commands_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = super::train::training_config(
+        dir.path(),
+        &format!(
+            "plugins:\n  - path: {}\n    on_error: skip\nmax_steps: 3\nval_set_size: 0\noutput_dir: {}\n",
+            wasm("hostile_plugin").display(),
+            dir.path().join("out").display()
+        ),
+    );
+    let out = super::common::axl("clock", &config, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[hostile] info: clock 0"), "{stderr}");
+
+    let out = super::common::axl("train", &config, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "warning: plugin `hostile` failed in `on_step_end` (on_error: skip, going on): trapped"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("trained 3 steps"), "{stderr}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["no_such_command", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command `no_such_command`"));
+}

@@ -6,7 +6,9 @@ use axl_sdk::prelude::*;
 #[derive(Default)]
 struct Hostile;
 
-const COMMANDS: [&str; 7] = [
+/// `train` clashes with axl's own command, which wins.
+const COMMANDS: [&str; 8] = [
+    "train",
     "read_file",
     "connect",
     "spin",
