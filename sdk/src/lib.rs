@@ -2,7 +2,7 @@
 //! whole), one macro that exports a [`Plugin`] as a native library or as a WebAssembly
 //! component depending on the build target, and helpers for testing a plugin without axl.
 //!
-//! ```ignore
+//! ```no_run
 //! use axl_sdk::prelude::*;
 //!
 //! #[derive(Default)]

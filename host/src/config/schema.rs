@@ -245,7 +245,7 @@ mod tests {
             "x",
         );
         let paths: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(paths, ["x.extra", "x.mode", "x.patience", "x.tags[1]"]);
+        assert_eq!(paths, ["x.patience", "x.mode", "x.tags[1]", "x.extra"]);
         assert_eq!(
             validate(&schema, &json!({}), "x")[0].1,
             "`patience` is required"

@@ -30,7 +30,7 @@ wasmtime::component::bindgen!({
     path: "../plugin-api/wit",
 });
 
-use axl::plugin::types;
+use self::axl::plugin::types;
 
 /// How often the epoch advances; call deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(5);
@@ -229,7 +229,7 @@ impl State {
 
 impl types::Host for State {}
 
-impl axl::plugin::host::Host for State {
+impl self::axl::plugin::host::Host for State {
     fn call(&mut self, request: String) -> Result<String, String> {
         let host = self.host()?;
         wire::serve_host(host, &request).map_err(|e| e.message)

@@ -571,6 +571,9 @@ fn cargo_build(dir: &Path, args: &[&str]) {
 /// `axl plugin new` writes a crate that builds offline as it is and runs in `axl train`.
 #[test]
 fn a_scaffolded_plugin_builds_offline_and_trains() {
+    // Building the example components first also fetches the WebAssembly-only dependencies
+    // that an offline build needs.
+    built();
     let dir = tempfile::tempdir().unwrap();
     let crate_dir = dir.path().join("demo_callback");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
