@@ -19,6 +19,7 @@ use axl_plugin_api::{Gradient, Hook, Host, Manifest, PluginError, TensorView, Te
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{
     FsPerms, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
@@ -319,10 +320,24 @@ fn wasi_context(sandbox: &Sandbox, base_dir: &Path, output_dir: &Path) -> Result
         .allow_tcp(any_net)
         .allow_udp(any_net)
         .allow_ip_name_lookup(any_net);
-    builder.socket_addr_check(move |addr, _| {
-        let ok = granted
-            .iter()
-            .any(|(g, with_port)| g.ip() == addr.ip() && (!with_port || g.port() == addr.port()));
+    builder.socket_addr_check(move |addr, usage| {
+        let granted_peer = || {
+            granted.iter().any(|(g, with_port)| {
+                g.ip() == addr.ip() && (!with_port || g.port() == addr.port())
+            })
+        };
+        let ok = match usage {
+            // The implicit bind of an outgoing socket: any local address, a port of the OS's
+            // choosing.
+            SocketAddrUse::TcpBind | SocketAddrUse::UdpBind => {
+                any_net && addr.ip().is_unspecified() && addr.port() == 0
+            }
+            SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend | SocketAddrUse::UdpReceive => {
+                granted_peer()
+            }
+            // A plugin is a client: it never listens or accepts.
+            SocketAddrUse::TcpListen | SocketAddrUse::TcpAccept => false,
+        };
         Box::pin(async move { ok })
     });
     Ok(builder.build())

@@ -926,3 +926,97 @@ fn plugin_commands_run_and_core_commands_win() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command `no_such_command`"));
 }
+
+/// What the sandbox grants works: a granted directory is readable and a granted address
+/// reachable, while the same plugin without grants gets neither.
+#[test]
+fn sandbox_grants_open_exactly_what_they_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("note.txt"), "granted").unwrap();
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = server.local_addr().unwrap().to_string();
+    let sandbox = Sandbox {
+        allow_read: vec![data.clone()],
+        allow_net: vec![address.clone()],
+        ..Sandbox::default()
+    };
+    let specs = [spec(Source::Wasm(wasm("hostile_plugin")), sandbox)];
+    let mut manager = PluginManager::load(&specs, dir.path(), &dir.path().join("out")).unwrap();
+    command(
+        &mut manager,
+        "read_file",
+        &data.join("note.txt").display().to_string(),
+    )
+    .unwrap();
+    command(&mut manager, "connect", &address).unwrap();
+    server.set_nonblocking(true).unwrap();
+    assert!(
+        server.accept().is_ok(),
+        "the granted connection did not arrive"
+    );
+    let err = command(
+        &mut manager,
+        "write_file",
+        &data.join("x").display().to_string(),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("cannot write"),
+        "read-only grant was writable: {err}"
+    );
+}
+
+/// The model services plugins call: a greedy generation scores as greedy, with a negative
+/// log-likelihood, and a parameter reads back with its shape.
+#[test]
+fn model_services_score_generate_and_read_parameters() {
+    use axl::plugins::services::{LoadedModel, ModelServices};
+    use axl_plugin_api::payload::{GenerateRequest, ScoreRequest};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let model = axl::model::CausalLm::load(&dir, &Default::default()).unwrap();
+    let tokenizer = axl::model::tokenizer::ModelTokenizer::load(&dir).unwrap();
+    let services = LoadedModel {
+        model: &model,
+        tokenizer: &tokenizer,
+    };
+    let prompt = "the cat sat on";
+    let generated = services
+        .generate(&GenerateRequest {
+            prompt: prompt.into(),
+            max_new_tokens: 3,
+            temperature: 0.0,
+            stop: vec![],
+        })
+        .unwrap();
+    let scores = services
+        .score(&[
+            ScoreRequest {
+                context: prompt.into(),
+                continuation: generated.clone(),
+            },
+            ScoreRequest {
+                context: prompt.into(),
+                continuation: " zebra zebra".into(),
+            },
+        ])
+        .unwrap();
+    if !generated.is_empty()
+        && tokenizer
+            .encode(&format!("{prompt}{generated}"), true)
+            .unwrap()
+            == [
+                tokenizer.encode(prompt, true).unwrap(),
+                tokenizer.encode(&generated, false).unwrap(),
+            ]
+            .concat()
+    {
+        assert!(scores[0].greedy, "{generated:?} {scores:?}");
+    }
+    assert!(scores.iter().all(|s| s.log_likelihood < 0.0), "{scores:?}");
+    let (shape, values) = services.parameter("model.embed_tokens.weight").unwrap();
+    assert_eq!(shape.len(), 2);
+    assert_eq!(values.len(), shape[0] * shape[1]);
+    assert!(services.parameter("no.such.weight").is_err());
+}
