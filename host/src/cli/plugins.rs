@@ -37,21 +37,31 @@ pub fn load_config(
         eprintln!("warning: {}: {warning}", cfg.path.display());
     }
     let mut manager = manager.unwrap_or_default();
-    let strategies = manager
-        .strategy_plugins(&cfg.base_dir, &cfg.output_dir())
-        .map_err(|errors| {
-            anyhow::anyhow!(errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("\n"))
-        })?;
-    cfg.plugin_formats = strategies.map(|s| PluginFormats(std::sync::Arc::new(s)));
-    cfg.plugin_fingerprint = manager.data_fingerprint();
+    if let Some(p) = manager
+        .plugins()
+        .iter()
+        .find(|p| p.manifest.hooks.contains(&Hook::LoadDatasets))
+    {
+        bail!(
+            "{}: plugin `{}` implements `load_datasets`, which this axl does not call yet; its rows would be ignored",
+            cfg.path.display(),
+            p.manifest.name
+        );
+    }
     let run = run_context(&cfg, command);
     manager
         .configure(&run, &mut Services::default())
         .with_context(|| format!("{}", cfg.path.display()))?;
+    let strategies = manager
+        .strategy_plugins(&cfg.base_dir, &cfg.output_dir(), &run)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
+    cfg.plugin_formats = strategies.map(|s| PluginFormats(std::sync::Arc::new(s)));
+    // The plugins' code and their settings shape the prepared data.
+    cfg.plugin_fingerprint = format!(
+        "{}|{}",
+        manager.data_fingerprint(),
+        serde_json::Value::Object(cfg.plugin_settings.clone())
+    );
     Ok((cfg, manager))
 }
 
@@ -118,10 +128,18 @@ pub fn apply_trainable_policy(
         manager.post_model_load(&model_info(model), &mut services)?
     };
     let info = model_info(model);
+    let lora = info.parameters.iter().any(|p| p.name.contains("lora_"));
     for (name, choice) in &policy {
-        if !info.parameters.iter().any(|p| &p.name == name) {
+        let Some(parameter) = info.parameters.iter().find(|p| &p.name == name) else {
             bail!(
                 "plugin `{}` sets whether `{name}` trains, but the model has no such parameter",
+                choice.plugin
+            );
+        };
+        let unfreezes = choice.value.as_bool() == Some(true) && !parameter.trainable;
+        if lora && unfreezes && !name.contains("lora_") {
+            bail!(
+                "plugin `{}` makes the base weight `{name}` trainable in a LoRA run, where only the adapter is saved; list its module in lora_modules_to_save instead",
                 choice.plugin
             );
         }

@@ -39,6 +39,14 @@ pub enum PluginFailure {
     /// The results of two plugins conflict.
     #[error(transparent)]
     Combine(Box<CombineError>),
+    /// No loaded plugin provides what was asked for.
+    #[error("no plugin in `plugins:` provides the {what} `{name}`")]
+    NoProvider {
+        /// What kind of thing (`dataset type`, `reward function`, `command`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl From<CombineError> for PluginFailure {
@@ -159,7 +167,9 @@ fn load_one(
             manifest.api_version, API_VERSION.major, API_VERSION.minor
         ));
     }
-    manifest.validate().map_err(|e| e.to_string())?;
+    manifest
+        .validate()
+        .map_err(|e| format!("has an invalid manifest: {e}"))?;
     Ok(Loaded {
         spec: spec.clone(),
         manifest,
@@ -255,13 +265,15 @@ impl PluginManager {
         }
     }
 
-    /// Instances of their own of the plugins that provide dataset types, to format rows
-    /// (from any thread, one row at a time); `None` when no plugin provides one.
+    /// Instances of their own of the plugins that provide dataset types, configured for
+    /// `run`, to format rows (from any thread, one row at a time); `None` when no plugin
+    /// provides one.
     pub fn strategy_plugins(
         &self,
         base_dir: &std::path::Path,
         output_dir: &std::path::Path,
-    ) -> Result<Option<StrategyPlugins>, Vec<LoadError>> {
+        run: &RunContext,
+    ) -> Result<Option<StrategyPlugins>, String> {
         let specs: Vec<PluginSpec> = self
             .plugins
             .iter()
@@ -271,7 +283,16 @@ impl PluginManager {
         if specs.is_empty() {
             return Ok(None);
         }
-        let manager = PluginManager::load(&specs, base_dir, output_dir)?;
+        let mut manager = PluginManager::load(&specs, base_dir, output_dir).map_err(|errors| {
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?;
+        manager
+            .configure(run, &mut Services::default())
+            .map_err(|e| e.to_string())?;
         Ok(Some(StrategyPlugins(std::sync::Mutex::new(manager))))
     }
 
@@ -371,10 +392,9 @@ impl PluginManager {
         let Some(i) = self.provider_index(Hook::FormatExample, |m| {
             m.provides.strategies.iter().any(|s| s == dataset_type)
         }) else {
-            return Err(PluginFailure::Failed {
-                plugin: "(none)".into(),
-                hook: Hook::FormatExample,
-                message: format!("no plugin provides dataset type `{dataset_type}`"),
+            return Err(PluginFailure::NoProvider {
+                what: "dataset type",
+                name: dataset_type.to_string(),
             });
         };
         self.call_one(i, Hook::FormatExample, services, |p, h| {
@@ -531,10 +551,9 @@ impl PluginManager {
         let Some(i) = self.provider_index(Hook::Reward, |m| {
             m.provides.rewards.iter().any(|r| r == name)
         }) else {
-            return Err(PluginFailure::Failed {
-                plugin: "(none)".into(),
-                hook: Hook::Reward,
-                message: format!("no plugin provides the reward function `{name}`"),
+            return Err(PluginFailure::NoProvider {
+                what: "reward function",
+                name: name.to_string(),
             });
         };
         let scores = self.call_one(i, Hook::Reward, services, |p, h| p.reward(name, batch, h))?;
@@ -576,10 +595,9 @@ impl PluginManager {
         let Some(i) =
             self.provider_index(Hook::Commands, |m| m.provides.commands.contains(&call.name))
         else {
-            return Err(PluginFailure::Failed {
-                plugin: "(none)".into(),
-                hook: Hook::Commands,
-                message: format!("no plugin provides the command `{}`", call.name),
+            return Err(PluginFailure::NoProvider {
+                what: "command",
+                name: call.name.clone(),
             });
         };
         self.call_one(i, Hook::Commands, services, |p, h| p.run_command(call, h))

@@ -225,6 +225,12 @@ fn continuation_score(
         greedy: true,
     };
     for (row, &target) in logits.iter().zip(&ids[start..]) {
+        if target as usize >= row.len() {
+            return Err(crate::model::ModelError::Invalid(format!(
+                "token id {target} is outside the model's vocabulary of {}",
+                row.len()
+            )));
+        }
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let log_sum = row
             .iter()

@@ -230,18 +230,29 @@ impl State {
 
 impl types::Host for State {}
 
+/// Runs a host service for a guest; a panic in it becomes the guest's error instead of
+/// unwinding through the guest's frames.
+fn serving<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err("the host failed serving the call".into()))
+}
+
 impl self::axl::plugin::host::Host for State {
     fn call(&mut self, request: String) -> Result<String, String> {
-        let host = self.host()?;
-        wire::serve_host(host, &request).map_err(|e| e.message)
+        serving(|| {
+            let host = self.host()?;
+            wire::serve_host(host, &request).map_err(|e| e.message)
+        })
     }
 
     fn parameter(&mut self, name: String) -> Result<types::Tensor, String> {
-        let host = self.host()?;
-        let view = host.parameter(&name).map_err(|e| e.message)?;
-        Ok(types::Tensor {
-            shape: view.shape.iter().map(|&d| d as u64).collect(),
-            data: view.data.to_vec(),
+        serving(|| {
+            let host = self.host()?;
+            let view = host.parameter(&name).map_err(|e| e.message)?;
+            Ok(types::Tensor {
+                shape: view.shape.iter().map(|&d| d as u64).collect(),
+                data: view.data.to_vec(),
+            })
         })
     }
 }
@@ -275,6 +286,21 @@ fn preopen(path: &Path, base_dir: &Path) -> (PathBuf, String) {
     (host, guest)
 }
 
+/// `path` with `.` and `..` resolved without touching the file system.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// The WASI context of a sandbox: nothing but what the settings grant.
 fn wasi_context(sandbox: &Sandbox, base_dir: &Path, output_dir: &Path) -> Result<WasiCtx, String> {
     let mut builder = WasiCtxBuilder::new();
@@ -299,10 +325,14 @@ fn wasi_context(sandbox: &Sandbox, base_dir: &Path, output_dir: &Path) -> Result
         .map_err(|e| format!("cannot create output_dir {}: {e}", output_dir.display()))?;
     for dir in &sandbox.allow_write {
         let (host, guest) = preopen(dir, base_dir);
-        let inside = std::fs::create_dir_all(&host)
-            .and_then(|_| host.canonicalize())
-            .map(|h| h.starts_with(&output))
-            .unwrap_or(false);
+        let written = lexical(&host);
+        let lexically_inside = written.starts_with(lexical(&base_dir.join(output_dir)))
+            || written.starts_with(&output);
+        let inside = lexically_inside
+            && std::fs::create_dir_all(&host)
+                .and_then(|_| host.canonicalize())
+                .map(|h| h.starts_with(&output))
+                .unwrap_or(false);
         if !inside {
             return Err(format!(
                 "allow_write: {} is not under output_dir ({}); a plugin may write only there",
@@ -318,7 +348,7 @@ fn wasi_context(sandbox: &Sandbox, base_dir: &Path, output_dir: &Path) -> Result
     let any_net = !granted.is_empty();
     builder
         .allow_tcp(any_net)
-        .allow_udp(any_net)
+        .allow_udp(false)
         .allow_ip_name_lookup(any_net);
     builder.socket_addr_check(move |addr, usage| {
         let granted_peer = || {
@@ -351,6 +381,8 @@ pub struct WasmPlugin {
     base_dir: PathBuf,
     output_dir: PathBuf,
     live: Option<(Store<State>, Plugin)>,
+    /// The last `configure` request, replayed into an instance made after a trap.
+    configured: Option<String>,
 }
 
 /// The content hash of a plugin file, as the preprocessing cache records it.
@@ -396,6 +428,7 @@ impl WasmPlugin {
             base_dir: base_dir.to_path_buf(),
             output_dir: output_dir.to_path_buf(),
             live: None,
+            configured: None,
         };
         let json = plugin
             .run(None, |store, p| p.axl_plugin_hooks().call_manifest(store))
@@ -454,12 +487,17 @@ impl WasmPlugin {
         host: Option<&mut dyn Host>,
         f: impl FnOnce(&mut Store<State>, &Plugin) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
-        if self.live.is_none() {
-            self.live = Some(self.instantiate()?);
-        }
+        let replay = match self.live {
+            Some(_) => None,
+            None => {
+                self.live = Some(self.instantiate()?);
+                self.configured.clone()
+            }
+        };
         let deadline = self.deadline_ticks();
         let (store, plugin) = self.live.as_mut().expect("instantiated above");
         store.set_epoch_deadline(deadline);
+        store.data_mut().memory_refused = None;
         store.data_mut().host = host.map(|h| {
             // SAFETY: erases the borrow's lifetime; the pointer is cleared below, before
             // `host` can be used again by the caller.
@@ -469,7 +507,18 @@ impl WasmPlugin {
             })
         });
         let clock = CallClock::start();
-        let result = f(store, plugin);
+        let replayed = match &replay {
+            Some(request) => plugin
+                .axl_plugin_hooks()
+                .call_call(&mut *store, types::Hook::Configure, request)
+                .and_then(|answer| {
+                    answer.map(|_| ()).map_err(|e| {
+                        wasmtime::Error::msg(format!("configure, replayed in a new instance: {e}"))
+                    })
+                }),
+            None => Ok(()),
+        };
+        let result = replayed.and_then(|()| f(store, plugin));
         drop(clock);
         store.data_mut().host = None;
         match result {
@@ -493,6 +542,9 @@ impl Channel for WasmPlugin {
         payload: &str,
         host: &mut dyn Host,
     ) -> Result<String, PluginError> {
+        if hook == Hook::Configure {
+            self.configured = Some(payload.to_string());
+        }
         let wit_hook = hook_to_wit(hook);
         self.run(Some(host), |store, p| {
             p.axl_plugin_hooks()

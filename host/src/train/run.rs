@@ -322,12 +322,13 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
     let (mut window_loss, mut window_norm, mut window_steps, mut window_tokens) = (0.0, 0.0, 0, 0);
     let mut window_start = Instant::now();
     let mut epoch = progress.global_step / per_epoch;
-    let mut stop_requested = hooks
-        .event(
-            model,
-            &event(Hook::OnTrainBegin, &progress, total_steps, &[]),
-        )?
-        .stop_training;
+    let mut hook_failure = None;
+    let mut stop_requested = tell(
+        hooks,
+        model,
+        &event(Hook::OnTrainBegin, &progress, total_steps, &[]),
+        &mut hook_failure,
+    );
     'epochs: while progress.global_step < total_steps && !stop_requested {
         let batches = match first_epoch.take().filter(|_| epoch == 0) {
             Some(batches) => batches,
@@ -434,11 +435,20 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                     ("grad_norm", window_norm / window_steps as f64),
                     ("learning_rate", lr),
                 ];
-                stop_requested |= hooks
-                    .event(model, &event(Hook::OnLog, &progress, total_steps, &logged))?
-                    .stop_training;
+                stop_requested |= tell(
+                    hooks,
+                    model,
+                    &event(Hook::OnLog, &progress, total_steps, &logged),
+                    &mut hook_failure,
+                );
                 for (name, value) in hooks.take_metrics() {
-                    entry[name] = json!(value);
+                    if entry.get(&name).is_some() {
+                        log(&format!(
+                            "a plugin reported the metric `{name}`, which axl logs itself; it is not recorded"
+                        ));
+                    } else {
+                        entry[name] = json!(value);
+                    }
                 }
                 log(&format!(
                     "step {}/{total_steps} | loss {:.4} | grad_norm {:.3} | lr {lr:.3e} | {tokens_per_second:.0} tokens/s | eta {}",
@@ -476,12 +486,12 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                     ("eval_loss", eval_loss),
                     ("eval_perplexity", eval_loss.exp()),
                 ];
-                stop_requested |= hooks
-                    .event(
-                        model,
-                        &event(Hook::OnEvaluate, &progress, total_steps, &measured),
-                    )?
-                    .stop_training;
+                stop_requested |= tell(
+                    hooks,
+                    model,
+                    &event(Hook::OnEvaluate, &progress, total_steps, &measured),
+                    &mut hook_failure,
+                );
             }
             let triggered = inputs.trigger.as_ref().is_some_and(|(file, every)| {
                 progress.global_step.is_multiple_of(*every) && file.is_file()
@@ -510,18 +520,26 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 report.checkpoints.push(dir.clone());
                 let mut saved = event(Hook::OnSave, &progress, total_steps, &[]);
                 saved.dir = Some(dir.display().to_string());
-                stop_requested |= hooks.event(model, &saved)?.stop_training;
+                stop_requested |= tell(hooks, model, &saved, &mut hook_failure);
                 if stopping {
                     report.interrupted = Some(dir);
                     return Ok(report);
                 }
             }
-            stop_requested |= hooks
-                .event(model, &event(Hook::OnStepEnd, &progress, total_steps, &[]))?
-                .stop_training;
+            stop_requested |= tell(
+                hooks,
+                model,
+                &event(Hook::OnStepEnd, &progress, total_steps, &[]),
+                &mut hook_failure,
+            );
             if stop_requested {
                 log(&format!(
-                    "a plugin asked to stop training: ending at step {}",
+                    "{}: ending at step {}",
+                    if hook_failure.is_some() {
+                        "a plugin failed (on_error: abort); saving before stopping"
+                    } else {
+                        "a plugin asked to stop training"
+                    },
                     progress.global_step
                 ));
                 break 'epochs;
@@ -530,10 +548,36 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
         epoch += 1;
     }
     model.set_dropout(None);
-    hooks.event(model, &event(Hook::OnTrainEnd, &progress, total_steps, &[]))?;
+    tell(
+        hooks,
+        model,
+        &event(Hook::OnTrainEnd, &progress, total_steps, &[]),
+        &mut hook_failure,
+    );
     (inputs.save_weights)(model, inputs.output_dir, true)?;
     let state_path = inputs.output_dir.join(checkpoint::TRAINER_STATE_FILE);
     fsio::write_json_atomic(&state_path, &trainer_state(&progress))
         .map_err(|e| ModelError::file(&state_path, e))?;
-    Ok(report)
+    match hook_failure {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// Tells the plugins of a loop event; whether training should stop. A plugin's failure does
+/// not end the run on the spot: it stops training, the model is saved as at a normal end, and
+/// the failure is returned afterwards, so that nothing trained is lost.
+fn tell(
+    hooks: &mut dyn LoopHooks,
+    model: &CausalLm,
+    event: &Event,
+    failure: &mut Option<ModelError>,
+) -> bool {
+    match hooks.event(model, event) {
+        Ok(control) => control.stop_training,
+        Err(e) => {
+            failure.get_or_insert(e);
+            true
+        }
+    }
 }

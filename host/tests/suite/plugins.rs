@@ -872,9 +872,10 @@ fn the_wasm_reward_example_scores_completions() {
     let err = manager
         .reward("missing", &batch, &mut Services::default())
         .unwrap_err();
-    assert!(err
-        .to_string()
-        .contains("no plugin provides the reward function `missing`"));
+    assert_eq!(
+        err.to_string(),
+        "no plugin in `plugins:` provides the reward function `missing`"
+    );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
         .args(["plugin", "check"])
@@ -1019,4 +1020,37 @@ fn model_services_score_generate_and_read_parameters() {
     assert_eq!(shape.len(), 2);
     assert_eq!(values.len(), shape[0] * shape[1]);
     assert!(services.parameter("no.such.weight").is_err());
+}
+
+/// A loop event that fails under `on_error: abort` stops the run with the plugin's error,
+/// after the model trained so far is saved.
+#[test]
+fn a_failing_loop_event_stops_the_run_without_losing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out");
+    let config = super::train::training_config(
+        dir.path(),
+        &format!(
+            "plugins:\n  - {}\nmax_steps: 5\nval_set_size: 0\noutput_dir: {}\n",
+            wasm("hostile_plugin").display(),
+            output.display()
+        ),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["train", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("plugin `hostile` failed in `on_step_end`: trapped"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("saving before stopping: ending at step 2"),
+        "{stderr}"
+    );
+    assert!(output.join("model.safetensors").is_file(), "{stderr}");
+    let state = std::fs::read_to_string(output.join("trainer_state.json")).unwrap();
+    assert!(state.contains("\"global_step\": 2"), "{state}");
 }
