@@ -71,8 +71,11 @@ strip = true
     )
 }
 
+/// The plugin's type: the name in camel case with `Plugin` after it, which no name of the
+/// SDK's prelude or of its export macro can equal.
 fn type_name(name: &str) -> String {
-    name.split('_')
+    let camel: String = name
+        .split('_')
         .map(|part| {
             let mut chars = part.chars();
             chars
@@ -80,7 +83,8 @@ fn type_name(name: &str) -> String {
                 .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
                 .unwrap_or_default()
         })
-        .collect()
+        .collect();
+    format!("{camel}Plugin")
 }
 
 fn lib_rs(name: &str, template: Template) -> String {
