@@ -14,6 +14,8 @@
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_trait;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use abi_stable::sabi_types::RMut;
 use abi_stable::sabi_types::VersionStrings;
 use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RSliceMut, RStr, RString};
@@ -149,6 +151,27 @@ impl<'a> From<FfiTensorMut<'a>> for crate::TensorViewMut<'a> {
         Self {
             shape: t.shape.as_slice(),
             data: t.data.into_mut_slice(),
+        }
+    }
+}
+
+/// Runs one side of a call across the boundary: its error, or a panic (which must not unwind
+/// through the other side's frames), becomes the error string that crosses. A panic reads
+/// `{panicked}: {its message}`.
+pub fn guarded<T>(
+    panicked: &str,
+    f: impl FnOnce() -> Result<T, crate::PluginError>,
+) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => RResult::ROk(value),
+        Ok(Err(e)) => RResult::RErr(e.message.into()),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            RResult::RErr(format!("{panicked}: {message}").into())
         }
     }
 }

@@ -2,8 +2,6 @@
 //! `abi_stable` root module of [`axl_plugin_api::ffi`], with every call guarded so that a
 //! panic becomes an error instead of ending the host's process.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{ROption, RResult, RSliceMut, RStr, RString};
 use axl_plugin_api::ffi::{
@@ -36,21 +34,9 @@ impl HostChannel for NativeHost<'_> {
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".to_string())
-}
-
-/// Runs `f`, turning its error or panic into the error string that crosses the boundary.
+/// Runs the plugin's side of a call; a panic becomes an error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(value)) => RResult::ROk(value),
-        Ok(Err(e)) => RResult::RErr(e.message.into()),
-        Err(panic) => RResult::RErr(format!("panicked: {}", panic_message(panic)).into()),
-    }
+    axl_plugin_api::ffi::guarded("panicked", f)
 }
 
 impl<P: Plugin> FfiPlugin for Exported<P> {

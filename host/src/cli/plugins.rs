@@ -118,6 +118,7 @@ pub fn apply_trainable_policy(
     if !manager.has(Hook::PostModelLoad) {
         return Ok(());
     }
+    let info = model_info(model);
     let policy = {
         let loaded = LoadedModel {
             model: &*model,
@@ -125,9 +126,8 @@ pub fn apply_trainable_policy(
         };
         let mut services = Services::with_tokenizer(tokenizer);
         services.model = Some(&loaded);
-        manager.post_model_load(&model_info(model), &mut services)?
+        manager.post_model_load(&info, &mut services)?
     };
-    let info = model_info(model);
     let lora = info.parameters.iter().any(|p| p.name.contains("lora_"));
     for (name, choice) in &policy {
         let Some(parameter) = info.parameters.iter().find(|p| &p.name == name) else {

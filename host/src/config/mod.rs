@@ -495,6 +495,25 @@ pub fn parse_overrides(args: &[String]) -> Result<Vec<(Vec<String>, Value)>, Str
     Ok(out)
 }
 
+/// `p` resolved against `base_dir`, with `~` expanded and `.` components dropped.
+fn resolve_against(base_dir: &Path, p: &str) -> PathBuf {
+    let expanded = match p.strip_prefix("~/") {
+        Some(rest) => std::env::var("HOME")
+            .map(|h| PathBuf::from(h).join(rest))
+            .unwrap_or_else(|_| PathBuf::from(p)),
+        None => PathBuf::from(p),
+    };
+    let joined = if expanded.is_absolute() {
+        expanded
+    } else {
+        base_dir.join(expanded)
+    };
+    joined
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
 /// The `plugins:` entries of a config and the keys their plugins own, loaded by `loader`.
 fn plugins_of(
     mapping: &Mapping,
@@ -513,19 +532,7 @@ fn plugins_of(
         Some(Value::Sequence(entries)) => entries,
         Some(_) => return Err(vec![problem("expected a list of plugins".into())]),
     };
-    let resolve = |p: &str| {
-        let expanded = match p.strip_prefix("~/") {
-            Some(rest) => std::env::var("HOME")
-                .map(|h| PathBuf::from(h).join(rest))
-                .unwrap_or_else(|_| PathBuf::from(p)),
-            None => PathBuf::from(p),
-        };
-        if expanded.is_absolute() {
-            expanded
-        } else {
-            base_dir.join(expanded)
-        }
-    };
+    let resolve = |p: &str| resolve_against(base_dir, p);
     let mut specs = Vec::new();
     let mut problems = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
@@ -793,21 +800,7 @@ impl LoadedConfig {
 
     /// `p` resolved against the working directory of the run, with `~` expanded.
     pub fn resolve_path(&self, p: &str) -> PathBuf {
-        let expanded = match p.strip_prefix("~/") {
-            Some(rest) => std::env::var("HOME")
-                .map(|h| PathBuf::from(h).join(rest))
-                .unwrap_or_else(|_| PathBuf::from(p)),
-            None => PathBuf::from(p),
-        };
-        let joined = if expanded.is_absolute() {
-            expanded
-        } else {
-            self.base_dir.join(expanded)
-        };
-        joined
-            .components()
-            .filter(|c| !matches!(c, std::path::Component::CurDir))
-            .collect()
+        resolve_against(&self.base_dir, p)
     }
 
     /// `output_dir`, resolved.

@@ -2,7 +2,6 @@
 //! first, then the API version of the manifest. Native plugins are trusted code: they run in
 //! the axl process with its rights, and are never unloaded.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
@@ -103,12 +102,9 @@ struct HostBridge<'a> {
     host: &'a mut dyn Host,
 }
 
+/// Runs the host's side of a call from a plugin; a panic becomes the plugin's error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => RResult::ROk(v),
-        Ok(Err(e)) => RResult::RErr(e.message.into()),
-        Err(_) => RResult::RErr("the host panicked serving the call".into()),
-    }
+    axl_plugin_api::ffi::guarded("the host panicked serving the call", f)
 }
 
 impl FfiHost for HostBridge<'_> {
