@@ -18,6 +18,8 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod cut_cross_entropy;
+pub mod fused_linear_cross_entropy;
 pub mod glu;
 pub mod inplace;
 pub mod linear;
@@ -25,6 +27,7 @@ pub mod lora_linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod simd;
+pub mod token_loss;
 
 #[cfg(target_arch = "x86_64")]
 mod bf16_gemm;

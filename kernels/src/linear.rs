@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use crate::cpu::{contiguous_f32, new_product, tensor, with_slices, Mat};
 use crate::Precision;
 
-fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
+pub(crate) fn check(x: &Tensor, weight: &Tensor) -> Result<()> {
     let (_, inp) = rows_and_features(x.shape())?;
     let (_, w_in) = weight.dims2()?;
     if w_in != inp {

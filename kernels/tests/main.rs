@@ -7,6 +7,8 @@ use std::sync::Arc;
 use axl_kernels::attention::{self, CausalMask, Scores};
 use axl_kernels::cross_entropy::{self, IGNORE_INDEX};
 use axl_kernels::glu::{self, GateActivation};
+use axl_kernels::token_loss::LossOptions;
+use axl_kernels::{cut_cross_entropy, fused_linear_cross_entropy};
 use axl_kernels::{rms_norm, rope, Precision};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -219,12 +221,18 @@ fn rope_matches_reference() {
 fn cross_entropy_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     // Leading dimensions (the rows) and vocabulary.
-    for (leading, vocab) in [
+    for (i, (leading, vocab)) in [
         (vec![1], 1),
         (vec![3], 5),
         (vec![67], 1000),
         (vec![3, 3], 49152),
-    ] {
+        (vec![5, 7], 333),
+        (vec![9], 64),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let options = loss_options()[i % loss_options().len()];
         let rows: usize = leading.iter().product();
         let logits = random(&mut rng, &[leading.as_slice(), &[vocab]].concat(), 8.0);
         let targets: Vec<i64> = (0..rows)
@@ -237,10 +245,10 @@ fn cross_entropy_matches_reference() {
             })
             .collect();
         compare(
-            &format!("cross_entropy {leading:?}x{vocab}"),
+            &format!("cross_entropy {leading:?}x{vocab} {options:?}"),
             &[logits],
-            &|t| cross_entropy::cross_entropy_sum(&t[0], &targets).unwrap(),
-            &|t| cross_entropy::reference(&t[0], &targets).unwrap(),
+            &|t| cross_entropy::cross_entropy_sum(&t[0], &targets, &options).unwrap(),
+            &|t| cross_entropy::reference(&t[0], &targets, &options).unwrap(),
             1e-5,
         );
     }
@@ -249,7 +257,8 @@ fn cross_entropy_matches_reference() {
 #[test]
 fn cross_entropy_rejects_labels_outside_the_vocabulary() {
     let logits = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let err = cross_entropy::cross_entropy_sum(&logits, &[1, 4]).unwrap_err();
+    let err =
+        cross_entropy::cross_entropy_sum(&logits, &[1, 4], &LossOptions::default()).unwrap_err();
     assert!(
         err.to_string()
             .contains("label 4 is outside the vocabulary of 4"),
@@ -468,4 +477,308 @@ fn attention_gradients_are_the_same_on_every_run() {
     for _ in 0..8 {
         assert!(run() == first, "key/value gradients differ between runs");
     }
+}
+
+/// The loss forms every cross-entropy kernel is checked in: plain, label smoothing, z-loss,
+/// soft-capping, token scaling, and all of them at once.
+fn loss_options() -> Vec<LossOptions> {
+    let plain = LossOptions::default();
+    vec![
+        plain,
+        LossOptions {
+            label_smoothing: 0.1,
+            ..plain
+        },
+        LossOptions {
+            z_loss: 1e-3,
+            ..plain
+        },
+        LossOptions {
+            softcap: Some(3.0),
+            ..plain
+        },
+        LossOptions {
+            token_scaling: true,
+            ..plain
+        },
+        LossOptions {
+            label_smoothing: 0.2,
+            z_loss: 1e-2,
+            softcap: Some(5.0),
+            token_scaling: true,
+        },
+    ]
+}
+
+/// Targets for `rows` rows, one in `ignore_every` ignored (none when 0).
+fn targets(rng: &mut ChaCha8Rng, rows: usize, vocab: usize, ignore_every: usize) -> Vec<i64> {
+    (0..rows)
+        .map(|r| {
+            if ignore_every > 0 && r % ignore_every == ignore_every - 1 {
+                IGNORE_INDEX
+            } else {
+                rng.random_range(0..vocab as i64)
+            }
+        })
+        .collect()
+}
+
+/// Shapes of the head-and-loss kernels: rows, features, vocabulary, and one row in how many
+/// ignored. Odd sizes, one token, a vocabulary that is not a multiple of any block, every row
+/// ignored.
+const HEAD_SHAPES: [(usize, usize, usize, usize); 7] = [
+    (1, 8, 5, 0),
+    (7, 16, 33, 3),
+    (33, 24, 1000, 4),
+    (64, 32, 2049, 0),
+    (17, 13, 4099, 2),
+    (5, 8, 40, 1),
+    (130, 20, 300, 5),
+];
+
+#[test]
+fn fused_linear_cross_entropy_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for (i, &(rows, features, vocab, ignore_every)) in HEAD_SHAPES.iter().enumerate() {
+        let options = loss_options()[i % loss_options().len()];
+        let hidden = random(&mut rng, &[rows, features], 1.0);
+        let weight = random(&mut rng, &[vocab, features], 0.5);
+        let targets = targets(&mut rng, rows, vocab, ignore_every);
+        for chunk_rows in [None, Some(1), Some(5)] {
+            let settings = fused_linear_cross_entropy::Settings {
+                precision: Precision::F32,
+                chunk_rows,
+            };
+            compare(
+                &format!("fused_linear_cross_entropy {rows}x{features}x{vocab} {options:?} {chunk_rows:?}"),
+                &[hidden.clone(), weight.clone()],
+                &|t| {
+                    fused_linear_cross_entropy::fused_linear_cross_entropy(
+                        &t[0], &t[1], &targets, &options, settings,
+                    )
+                    .unwrap()
+                },
+                &|t| axl_kernels::token_loss::reference(&t[0], &t[1], &targets, &options).unwrap(),
+                2e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn cut_cross_entropy_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    for (i, &(rows, features, vocab, ignore_every)) in HEAD_SHAPES.iter().enumerate() {
+        let options = loss_options()[(i + 3) % loss_options().len()];
+        let hidden = random(&mut rng, &[rows, features], 1.0);
+        let weight = random(&mut rng, &[vocab, features], 0.5);
+        let targets = targets(&mut rng, rows, vocab, ignore_every);
+        for (token_block, vocab_block) in [(512, 2048), (3, 7), (16, 300)] {
+            let settings = cut_cross_entropy::Settings {
+                token_block,
+                vocab_block,
+                ..Default::default()
+            };
+            compare(
+                &format!("cut_cross_entropy {rows}x{features}x{vocab} {options:?} blocks {token_block}x{vocab_block}"),
+                &[hidden.clone(), weight.clone()],
+                &|t| {
+                    cut_cross_entropy::cut_cross_entropy(&t[0], &t[1], &targets, &options, settings)
+                        .unwrap()
+                },
+                &|t| axl_kernels::token_loss::reference(&t[0], &t[1], &targets, &options).unwrap(),
+                2e-5,
+            );
+        }
+    }
+}
+
+/// With a frozen weight (not a variable), the fused head kernels give the hidden states the
+/// reference's gradient and make none for the weight; a detached input gives the value alone.
+#[test]
+fn head_losses_with_a_frozen_weight_match_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (rows, features, vocab) = (19, 12, 777);
+    let weight = random(&mut rng, &[vocab, features], 0.5);
+    let hidden = random(&mut rng, &[rows, features], 1.0);
+    let targets = targets(&mut rng, rows, vocab, 3);
+    let options = LossOptions::default();
+    type Kernel<'a> = &'a dyn Fn(&Tensor) -> Tensor;
+    let kernels: [(&str, Kernel); 3] = [
+        ("flce", &|h| {
+            fused_linear_cross_entropy::fused_linear_cross_entropy(
+                h,
+                &weight,
+                &targets,
+                &options,
+                Default::default(),
+            )
+            .unwrap()
+        }),
+        ("cce", &|h| {
+            cut_cross_entropy::cut_cross_entropy(h, &weight, &targets, &options, Default::default())
+                .unwrap()
+        }),
+        ("reference", &|h| {
+            axl_kernels::token_loss::reference(h, &weight.detach(), &targets, &options).unwrap()
+        }),
+    ];
+    let mut results = Vec::new();
+    for (name, kernel) in kernels {
+        let var = Var::from_tensor(&hidden).unwrap();
+        let loss = kernel(var.as_tensor());
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(&weight).is_none(),
+            "{name}: the frozen weight got a gradient"
+        );
+        let value = kernel(&hidden.detach()).to_scalar::<f32>().unwrap();
+        results.push((name, value, grads.get(var.as_tensor()).unwrap().clone()));
+    }
+    let (_, ref_value, ref_grad) = results.pop().unwrap();
+    for (name, value, grad) in results {
+        assert!(
+            (value - ref_value).abs() <= 1e-5 * ref_value.abs(),
+            "{name}: {value} vs {ref_value}"
+        );
+        let diff = max_rel_diff(&grad, &ref_grad);
+        assert!(diff < 2e-5, "{name}: gradient differs by {diff}");
+    }
+}
+
+/// The loss forms against values worked out by hand for one row of three logits, so that the
+/// reference composition itself is checked: `z = (1, 2, 3)`, target 0.
+#[test]
+fn loss_forms_match_hand_computed_values() {
+    let logits = Tensor::new(&[[1f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+    let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+    let plain = LossOptions::default();
+    let cases = [
+        (plain, lse - 1.0),
+        (
+            LossOptions {
+                label_smoothing: 0.3,
+                ..plain
+            },
+            0.7 * (lse - 1.0) + 0.3 * (lse - 2.0),
+        ),
+        (
+            LossOptions {
+                z_loss: 0.01,
+                ..plain
+            },
+            lse - 1.0 + 0.01 * lse * lse,
+        ),
+        (
+            LossOptions {
+                token_scaling: true,
+                ..plain
+            },
+            (lse - 1.0) * (1.0 - lse).exp(),
+        ),
+    ];
+    for (options, expected) in cases {
+        for got in [
+            cross_entropy::reference(&logits, &[0], &options).unwrap(),
+            cross_entropy::cross_entropy_sum(&logits, &[0], &options).unwrap(),
+        ] {
+            let got = got.to_scalar::<f32>().unwrap() as f64;
+            assert!(
+                (got - expected).abs() < 1e-5,
+                "{options:?}: {got} vs {expected}"
+            );
+        }
+    }
+    let capped = LossOptions {
+        softcap: Some(2.0),
+        ..plain
+    };
+    let z: Vec<f64> = [1f64, 2.0, 3.0]
+        .iter()
+        .map(|v| 2.0 * (v / 2.0).tanh())
+        .collect();
+    let expected = z.iter().map(|v| v.exp()).sum::<f64>().ln() - z[0];
+    let got = cross_entropy::cross_entropy_sum(&logits, &[0], &capped)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        (got - expected).abs() < 1e-5,
+        "softcap: {got} vs {expected}"
+    );
+}
+
+/// Gradient filtering skips only what is below its threshold: a threshold above every
+/// gradient but the targets' leaves the hidden states' gradient of the target columns alone.
+#[test]
+fn cut_cross_entropy_filter_skips_negligible_blocks() {
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let (rows, features, vocab) = (8, 16, 4096);
+    // Logits peaked on the targets: the other columns' gradients are tiny.
+    let weight = random(&mut rng, &[vocab, features], 0.01);
+    let hidden = random(&mut rng, &[rows, features], 1.0);
+    let targets = targets(&mut rng, rows, vocab, 0);
+    let options = LossOptions::default();
+    let grad = |filter_eps: Option<f32>| {
+        let var = Var::from_tensor(&hidden).unwrap();
+        let settings = cut_cross_entropy::Settings {
+            filter_eps,
+            ..Default::default()
+        };
+        let loss = cut_cross_entropy::cut_cross_entropy(
+            var.as_tensor(),
+            &weight,
+            &targets,
+            &options,
+            settings,
+        )
+        .unwrap();
+        loss.backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .clone()
+    };
+    let exact = grad(Some(0.0));
+    let auto = grad(None);
+    assert!(max_rel_diff(&auto, &exact) < 1e-5);
+    // Every non-target probability is about 1/4096 < 1e-3: with that threshold only the
+    // blocks of 256 ids holding a target remain (for all rows of the tile).
+    let filtered = grad(Some(1e-3));
+    let only_targets = {
+        let w = weight.to_vec2::<f32>().unwrap();
+        let mut g = vec![vec![0f32; features]; rows];
+        let loss_grad = |r: usize| {
+            let h = hidden.get(r).unwrap().to_vec1::<f32>().unwrap();
+            let logits: Vec<f32> = w
+                .iter()
+                .map(|row| row.iter().zip(&h).map(|(a, b)| a * b).sum())
+                .collect();
+            let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+            (logits, max, sum)
+        };
+        let kept: std::collections::BTreeSet<usize> =
+            targets.iter().map(|&t| t as usize / 256).collect();
+        for (r, row) in g.iter_mut().enumerate() {
+            let (logits, max, sum) = loss_grad(r);
+            let t = targets[r] as usize;
+            for c in kept
+                .iter()
+                .flat_map(|b| b * 256..(b * 256 + 256).min(vocab))
+            {
+                let p = (logits[c] - max).exp() / sum;
+                let d = if c == t { p - 1.0 } else { p };
+                for (gi, wi) in row.iter_mut().zip(&w[c]) {
+                    *gi += d * wi;
+                }
+            }
+        }
+        Tensor::new(g, &Device::Cpu).unwrap()
+    };
+    assert!(max_rel_diff(&filtered, &only_targets) < 1e-4);
+    assert!(
+        max_rel_diff(&filtered, &exact) > 1e-3,
+        "the filter skipped nothing"
+    );
 }

@@ -140,6 +140,6 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<T
         targets.push(IGNORE_INDEX);
     }
     let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-    let sum = axl_kernels::cross_entropy::cross_entropy_sum(logits, &targets)?;
+    let sum = axl_kernels::cross_entropy::cross_entropy_sum(logits, &targets, &Default::default())?;
     Ok(TokenLoss { sum, count })
 }
