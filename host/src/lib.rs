@@ -13,4 +13,8 @@ pub mod model;
 pub mod plugins;
 pub mod setup;
 pub mod threads;
+
+// The first-party built-in plugins: linked in so that their registrations are found.
+use axl_plugin_cut_cross_entropy as _;
+use axl_plugin_liger as _;
 pub mod train;

@@ -16,7 +16,8 @@ use crate::train::step;
 pub const EVAL_RESULTS_FILE: &str = "eval_results.json";
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let (cfg, _plugins) = super::plugins::load_config(&args.config, &args.overrides, "evaluate")?;
+    let (cfg, mut plugins) =
+        super::plugins::load_config(&args.config, &args.overrides, "evaluate")?;
     let settings = TrainSettings::from_config(&cfg.config)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
     let hub = HubSettings::from_env();
@@ -31,6 +32,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             cfg.path.display()
         );
     }
+    let model_config = crate::model::hf_config::ModelConfig::from_dir(&sources.config_dir)?;
+    let kernels = super::plugins::choose_kernels(&mut plugins, &tokenizer, &model_config)?;
     let mut model = setup::load_base(&sources, &LoadOptions::default())?;
     model.set_precision(settings.precision);
     if let Some(dir) = setup::trained_adapter_dir(&cfg, &overrides) {
@@ -40,6 +43,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             eprintln!("evaluating with the adapter of {}", dir.display());
         }
     }
+    model.set_kernels(kernels);
+    model
+        .check_head_fusable()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
     let pad_id = tokenizer.padding_id();
     let refs: Vec<_> = eval.iter().collect();
     let batches = micro_batches(&refs, &settings, settings.eval_sample_packing, pad_id);

@@ -11,6 +11,8 @@ use axl_plugin_api::{Gradient, Hook, TensorView};
 
 use crate::config::{LoadedConfig, PluginKeys};
 use crate::data::strategy::PluginFormats;
+use crate::model::hf_config::ModelConfig;
+use crate::model::kernels::KernelSelection;
 use crate::model::tokenizer::ModelTokenizer;
 use crate::model::{CausalLm, ModelError};
 use crate::plugins::services::LoadedModel;
@@ -277,32 +279,33 @@ impl LoopHooks for PluginLoop<'_> {
     }
 }
 
-/// `pre_model_load`: the plugins' kernel choices for the model about to load. The host has
-/// no selectable kernels yet, so any choice is refused by name rather than ignored.
+/// `pre_model_load`: the plugins' kernel choices for the model about to load, checked
+/// against its architecture (an unusable choice is an error naming the plugin) and against
+/// the other plugins (a `compute_loss` plugin needs whole logits).
 pub fn choose_kernels(
     manager: &mut PluginManager,
     tokenizer: &ModelTokenizer,
-    config: serde_json::Value,
-) -> anyhow::Result<()> {
+    config: &ModelConfig,
+) -> anyhow::Result<KernelSelection> {
     if !manager.has(Hook::PreModelLoad) {
-        return Ok(());
+        return Ok(KernelSelection::default());
     }
     let info = ModelInfo {
-        model_type: config
-            .get("model_type")
-            .and_then(|t| t.as_str())
-            .unwrap_or_default()
-            .to_string(),
-        config,
+        model_type: config.architecture.model_type().to_string(),
+        config: serde_json::Value::Object(config.raw.clone()),
         parameters: Vec::new(),
     };
     let choices = manager.pre_model_load(&info, &mut Services::with_tokenizer(tokenizer))?;
-    if let Some((kernel, choice)) = choices.iter().next() {
+    let choices = choices
+        .into_iter()
+        .map(|(kernel, choice)| (kernel, (choice.plugin, choice.value)))
+        .collect();
+    let selection = KernelSelection::from_choices(&choices, config)?;
+    if !selection.loss.makes_logits() && manager.has(Hook::ComputeLoss) {
         bail!(
-            "plugin `{}` chose the kernel `{kernel}` = {}, but this axl has no selectable kernels",
-            choice.plugin,
-            choice.value
+            "{} was chosen, which never makes the whole logits, but a plugin computes the loss (compute_loss) from them; drop one of the two",
+            selection.loss.name()
         );
     }
-    Ok(())
+    Ok(selection)
 }

@@ -96,18 +96,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         trainable: full,
         ..Default::default()
     };
-    let config_json = std::fs::read_to_string(sources.config_dir.join("config.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    super::plugins::choose_kernels(&mut plugins, &tokenizer, config_json)?;
+    let model_config = ModelConfig::from_dir(&sources.config_dir)?;
+    let kernels = super::plugins::choose_kernels(&mut plugins, &tokenizer, &model_config)?;
     let reinit = cfg.config.reinit_weights == Some(true);
     let mut model = match (&resume, full) {
         (Some(dir), true) => CausalLm::load(dir, &options)?,
         _ if reinit => {
             eprintln!("reinit_weights: starting from randomly initialized weights");
-            let config = ModelConfig::from_dir(&sources.config_dir)?;
-            CausalLm::random_init(config, settings.seed, &options)?
+            CausalLm::random_init(model_config, settings.seed, &options)?
         }
         _ => setup::load_base(&sources, &options)?,
     };
@@ -134,6 +130,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     if lora_settings.is_some() {
         super::plugins::model_event(&mut plugins, Hook::PostLoraLoad, &model, &tokenizer)?;
+    }
+    model.set_kernels(kernels);
+    model
+        .check_head_fusable()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
+    if plugins.has(Hook::PreModelLoad) {
+        eprintln!("kernels: {}", kernels.describe());
     }
     super::plugins::apply_trainable_policy(&mut plugins, &mut model, &tokenizer)?;
     settings.optimizer = super::plugins::optimizer_settings(

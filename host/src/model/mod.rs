@@ -9,6 +9,7 @@ pub mod byte_bpe;
 pub mod error;
 pub mod generate;
 pub mod hf_config;
+pub mod kernels;
 pub mod layers;
 pub mod lora;
 pub mod ops;

@@ -132,14 +132,25 @@ impl TokenLoss {
 /// `labels` is `[batch, len]` of integers. The last position of each row predicts nothing,
 /// so the logits are used in place, without a shifted copy.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<TokenLoss> {
-    let (batch, len, _) = logits.dims3()?;
+    let targets = shifted_targets(labels)?;
+    let count = counted(&targets);
+    let sum = axl_kernels::cross_entropy::cross_entropy_sum(logits, &targets, &Default::default())?;
+    Ok(TokenLoss { sum, count })
+}
+
+/// The target of every position of `labels` (`[batch, len]`): the next position's label, and
+/// [`IGNORE_INDEX`] for the last position of each row, which predicts nothing.
+pub fn shifted_targets(labels: &Tensor) -> candle_core::Result<Vec<i64>> {
     let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-    let mut targets = Vec::with_capacity(batch * len);
+    let mut targets = Vec::with_capacity(labels.iter().map(Vec::len).sum());
     for row in &labels {
         targets.extend(row.iter().skip(1).copied());
         targets.push(IGNORE_INDEX);
     }
-    let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-    let sum = axl_kernels::cross_entropy::cross_entropy_sum(logits, &targets, &Default::default())?;
-    Ok(TokenLoss { sum, count })
+    Ok(targets)
+}
+
+/// How many of `targets` are counted (not [`IGNORE_INDEX`]).
+pub fn counted(targets: &[i64]) -> usize {
+    targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
 }

@@ -14,9 +14,12 @@ use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
 use super::hf_config::{Activation, LayerAttention, ModelConfig};
+use super::kernels::{Implementation, KernelSelection, LossKernel};
 use super::layers::{DropoutRng, Embedding, Linear, Param, ParamVisitor, RmsNorm};
 use super::ops;
 use super::safetensors_io::{self, TensorSet};
+use axl_kernels::token_loss::LossOptions;
+use axl_kernels::{cross_entropy, cut_cross_entropy, fused_linear_cross_entropy};
 
 /// How weights are loaded.
 #[derive(Clone, Debug)]
@@ -206,6 +209,7 @@ pub struct CausalLm {
     dropout: Option<DropoutRng>,
     embedding_noise: Option<f64>,
     precision: Precision,
+    kernels: KernelSelection,
     device: Device,
 }
 
@@ -476,6 +480,7 @@ impl CausalLm {
             dropout: None,
             embedding_noise: None,
             precision: Precision::F32,
+            kernels: KernelSelection::default(),
             device: options.device.clone(),
             config,
         })
@@ -494,6 +499,21 @@ impl CausalLm {
     /// The precision of every linear layer's products (f32 unless set).
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
+    }
+
+    /// The kernels to run (the fused ones unless set).
+    pub fn set_kernels(&mut self, kernels: KernelSelection) {
+        self.kernels = kernels;
+    }
+
+    /// The kernels it runs.
+    pub fn kernels(&self) -> &KernelSelection {
+        &self.kernels
+    }
+
+    /// Whether the loss is computed from whole logits (see [`LossKernel::makes_logits`]).
+    pub fn loss_makes_logits(&self) -> bool {
+        self.kernels.loss.makes_logits()
     }
 
     /// NEFTune (arXiv 2310.05914): while training (dropout on), adds noise uniform in
@@ -594,11 +614,9 @@ impl CausalLm {
             inputs.push(y.detach());
         }
         let top = candle_core::Var::from_tensor(&inputs[self.layers.len()])?;
-        let logits = self.logits(&self.norm.forward(top.as_tensor())?)?;
-        let loss = ops::causal_lm_loss(&logits, labels)?;
+        let loss = self.token_loss(&self.normed(&self.norm, top.as_tensor())?, labels)?;
         let sum = loss.sum.to_scalar::<f32>()? as f64;
         let mut grads = (loss.sum * scale)?.backward()?;
-        drop(logits);
         let after_head = self.dropout.as_ref().map(DropoutRng::state);
         let mut upstream = grads
             .remove(top.as_tensor())
@@ -681,7 +699,7 @@ impl CausalLm {
             let layer_cache = cache.as_mut().map(|(c, past)| (&mut c.layers[i], *past));
             x = self.layer_forward(layer, &x, &Positions { cos, sin, mask }, layer_cache)?;
         }
-        Ok(self.norm.forward(&x)?)
+        self.normed(&self.norm, &x)
     }
 
     /// Logits `[batch, len, vocab]` from final hidden states.
@@ -708,16 +726,16 @@ impl CausalLm {
         at: &Positions,
         cache: Option<(&mut Option<LayerKv>, usize)>,
     ) -> Result<Tensor> {
-        let normed = layer.attn_in.forward(x)?;
+        let normed = self.normed(&layer.attn_in, x)?;
         let mut attn = self.attention(&layer.self_attn, &normed, at, cache)?;
         if let Some(n) = &layer.attn_out {
-            attn = n.forward(&attn)?;
+            attn = self.normed(n, &attn)?;
         }
         let x = (x + attn)?;
-        let normed = layer.ff_in.forward(&x)?;
+        let normed = self.normed(&layer.ff_in, &x)?;
         let mut ff = self.mlp(&layer.mlp, &normed)?;
         if let Some(n) = &layer.ff_out {
-            ff = n.forward(&ff)?;
+            ff = self.normed(n, &ff)?;
         }
         Ok((x + ff)?)
     }
@@ -740,13 +758,18 @@ impl CausalLm {
         let mut k = split(attn.k_proj.forward(x, dropout, self.precision)?, kv_heads)?;
         let mut v = split(attn.v_proj.forward(x, dropout, self.precision)?, kv_heads)?;
         if let Some(n) = &attn.q_norm {
-            q = n.forward(&q)?;
+            q = self.normed(n, &q)?;
         }
         if let Some(n) = &attn.k_norm {
-            k = n.forward(&k)?;
+            k = self.normed(n, &k)?;
         }
-        let q = rope(&q, cos, sin)?;
-        let mut k = rope(&k, cos, sin)?;
+        let (q, mut k) = match self.kernels.rope {
+            Implementation::Fused => (rope(&q, cos, sin)?, rope(&k, cos, sin)?),
+            Implementation::Reference => (
+                axl_kernels::rope::reference(&q, cos, sin)?,
+                axl_kernels::rope::reference(&k, cos, sin)?,
+            ),
+        };
         if let Some((slot, past)) = cache {
             (k, v) = LayerKv::append(slot, past, &k, &v)?;
         }
@@ -758,14 +781,108 @@ impl CausalLm {
         Ok(attn.o_proj.forward(&out, dropout, self.precision)?)
     }
 
+    /// The causal-LM loss (transformers' shift: position `t` predicts `labels[t + 1]`) of the
+    /// final hidden states `hidden` (`[batch, len, hidden]`, normalized), through the selected
+    /// loss kernel: from whole logits, or fused with `lm_head` so the logits never exist
+    /// whole. A detached `hidden` makes no gradients.
+    pub fn token_loss(&self, hidden: &Tensor, labels: &Tensor) -> Result<ops::TokenLoss> {
+        let targets = ops::shifted_targets(labels)?;
+        let count = ops::counted(&targets);
+        let softcap = self.config.final_logit_softcapping.map(|c| c as f32);
+        let sum = match self.kernels.loss {
+            LossKernel::Logits(implementation, options) => {
+                let options = LossOptions { softcap, ..options };
+                let logits = self
+                    .lm_head
+                    .forward(hidden, self.dropout.as_ref(), self.precision)?;
+                match implementation {
+                    Implementation::Fused => {
+                        cross_entropy::cross_entropy_sum(&logits, &targets, &options)?
+                    }
+                    Implementation::Reference => {
+                        cross_entropy::reference(&logits, &targets, &options)?
+                    }
+                }
+            }
+            LossKernel::FusedLinear(options, settings) => {
+                let settings = fused_linear_cross_entropy::Settings {
+                    precision: self.precision,
+                    ..settings
+                };
+                fused_linear_cross_entropy::fused_linear_cross_entropy(
+                    hidden,
+                    &self.head_weight()?,
+                    &targets,
+                    &LossOptions { softcap, ..options },
+                    settings,
+                )?
+            }
+            LossKernel::Cut(options, settings) => {
+                let settings = cut_cross_entropy::Settings {
+                    precision: self.precision,
+                    ..settings
+                };
+                cut_cross_entropy::cut_cross_entropy(
+                    hidden,
+                    &self.head_weight()?,
+                    &targets,
+                    &LossOptions { softcap, ..options },
+                    settings,
+                )?
+            }
+        };
+        Ok(ops::TokenLoss { sum, count })
+    }
+
+    /// `lm_head`'s weight for a loss kernel fused with it, which takes a plain weight: no
+    /// adapter, no bias.
+    fn head_weight(&self) -> Result<Tensor> {
+        self.check_head_fusable()?;
+        Ok(self.lm_head.weight.tensor().clone())
+    }
+
+    /// Whether the selected loss kernel can run with this `lm_head`: one fused with the head
+    /// takes a plain weight (trained or frozen), not a LoRA adapter or a bias.
+    pub fn check_head_fusable(&self) -> Result<()> {
+        if self.kernels.loss.makes_logits() {
+            return Ok(());
+        }
+        if self.lm_head.lora.is_some() || self.lm_head.bias.is_some() {
+            return Err(ModelError::Invalid(format!(
+                "{} computes lm_head inside the loss and needs a plain weight, but lm_head has {}; leave lm_head out of lora_target_modules",
+                self.kernels.loss.name(),
+                if self.lm_head.lora.is_some() { "a LoRA adapter" } else { "a bias" }
+            )));
+        }
+        Ok(())
+    }
+
+    /// `norm` applied to `x` with the selected kernel.
+    fn normed(&self, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.kernels.rms_norm {
+            Implementation::Fused => norm.forward(x)?,
+            Implementation::Reference => axl_kernels::rms_norm::reference(
+                x,
+                norm.weight.tensor(),
+                norm.eps,
+                norm.one_plus_weight,
+            )?,
+        })
+    }
+
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
         let dropout = self.dropout.as_ref();
         let gate = mlp.gate_proj.forward(x, dropout, self.precision)?;
         let up = mlp.up_proj.forward(x, dropout, self.precision)?;
-        let hidden = match mlp.activation {
-            Activation::Silu => gated(&gate, &up, GateActivation::Silu)?,
-            Activation::GeluTanh => gated(&gate, &up, GateActivation::GeluTanh)?,
-            Activation::GeluErf => (gate.gelu_erf()? * up)?,
+        let gate_activation = match mlp.activation {
+            Activation::Silu => Some(GateActivation::Silu),
+            Activation::GeluTanh => Some(GateActivation::GeluTanh),
+            Activation::GeluErf => None,
+        };
+        let hidden = match (gate_activation, self.kernels.glu) {
+            (Some(a), Implementation::Fused) => gated(&gate, &up, a)?,
+            (Some(a), Implementation::Reference) => axl_kernels::glu::reference(&gate, &up, a)?,
+            (None, _) => (gate.gelu_erf()? * up)?,
         };
         Ok(mlp.down_proj.forward(&hidden, dropout, self.precision)?)
     }

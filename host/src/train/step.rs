@@ -29,20 +29,28 @@ pub struct StepOutcome {
     pub tokens: usize,
 }
 
-/// The logits of one micro-batch, with their graph, and its labels.
-fn batch_logits(model: &CausalLm, batch: &Batch) -> Result<(Tensor, Tensor)> {
+/// The final hidden states of one micro-batch, with their graph, and its labels.
+fn batch_hidden(model: &CausalLm, batch: &Batch) -> Result<(Tensor, Tensor)> {
     let (ids, labels) = batch.tensors(model.device())?;
     let hidden = match &batch.layout {
         Some(layout) => model.hidden_states_packed(&ids, layout)?,
         None => model.hidden_states(&ids, None)?,
     };
+    Ok((hidden, labels))
+}
+
+/// The logits of one micro-batch, with their graph, and its labels.
+fn batch_logits(model: &CausalLm, batch: &Batch) -> Result<(Tensor, Tensor)> {
+    let (hidden, labels) = batch_hidden(model, batch)?;
     Ok((model.logits(&hidden)?, labels))
 }
 
-/// Loss sum and trained-position count of one micro-batch, with the logits' graph.
-fn batch_loss(model: &CausalLm, batch: &Batch) -> Result<(Tensor, usize)> {
-    let (logits, labels) = batch_logits(model, batch)?;
-    let loss = causal_lm_loss(&logits, &labels)?;
+/// Loss sum and trained-position count of one micro-batch through the model's loss kernel,
+/// with the graph (none with `detached`, for evaluation).
+fn batch_loss(model: &CausalLm, batch: &Batch, detached: bool) -> Result<(Tensor, usize)> {
+    let (hidden, labels) = batch_hidden(model, batch)?;
+    let hidden = if detached { hidden.detach() } else { hidden };
+    let loss = model.token_loss(&hidden, &labels)?;
     Ok((loss.sum, loss.count))
 }
 
@@ -179,7 +187,7 @@ pub fn accumulate(
                 }
             }
         } else {
-            let (sum, count) = batch_loss(model, batch)?;
+            let (sum, count) = batch_loss(model, batch, false)?;
             if count == 0 {
                 continue;
             }
@@ -241,7 +249,7 @@ pub fn evaluate(model: &CausalLm, batches: &[Batch]) -> Result<(f64, usize)> {
     let mut sum = 0f64;
     let mut count = 0usize;
     for batch in batches {
-        let (s, c) = batch_loss(model, batch)?;
+        let (s, c) = batch_loss(model, batch, true)?;
         sum += s.detach().to_scalar::<f32>()? as f64;
         count += c;
     }

@@ -264,6 +264,24 @@ pub(super) fn training_config(dir: &std::path::Path, extra: &str) -> PathBuf {
     path
 }
 
+/// Runs `axl train` on [`training_config`] with `extra` in `dir/name`, output in
+/// `dir/name/out`, whether it succeeds or not.
+pub(super) fn train_in(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &str,
+) -> (std::process::Output, PathBuf) {
+    let run_dir = dir.join(name);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let config = training_config(&run_dir, extra);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["train", config.to_str().unwrap(), "--output-dir"])
+        .arg(run_dir.join("out"))
+        .output()
+        .unwrap();
+    (out, run_dir.join("out"))
+}
+
 fn axl_train(config: &std::path::Path, args: &[&str]) -> std::process::Output {
     axl("train", config, args)
 }
@@ -700,18 +718,11 @@ fn reinit_weights_starts_from_seeded_fresh_weights() {
 fn bf16_trains_close_to_f32_and_auto_says_it_means_f32() {
     let dir = tempfile::tempdir().unwrap();
     let run = |name: &str, precision: &str| {
-        let run_dir = dir.path().join(name);
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let config = training_config(
-            &run_dir,
+        train_in(
+            dir.path(),
+            name,
             &format!("pad_to_sequence_len: true\nmax_steps: 4\n{precision}"),
-        );
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
-            .args(["train", config.to_str().unwrap(), "--output-dir"])
-            .arg(run_dir.join("out"))
-            .output()
-            .unwrap();
-        (out, run_dir.join("out"))
+        )
     };
     let (f32_run, f32_dir) = run("f32", "");
     assert!(f32_run.status.success());
