@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use axl::data::packing::Batch;
 use axl::model::generate::Decoder;
 use axl::model::hf_config::ModelConfig;
+use axl::model::kernels::{Implementation, KernelSelection, LossKernel};
 use axl::model::lora::{self, LoraSettings, TargetModules};
 use axl::model::Precision;
 use axl::model::{CausalLm, LoadOptions};
@@ -23,7 +24,7 @@ use axl::plugins::spec::parse_entry;
 use axl::plugins::{PluginManager, PluginSpec, Services};
 use axl::train::optimizer::{Optimizer, OptimizerSettings};
 use axl::train::step;
-use axl_plugin_api::payload::{Event, TrainState};
+use axl_plugin_api::payload::{Event, ModelInfo, RunContext, TrainState};
 use axl_plugin_api::Hook;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -78,6 +79,8 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
         other => bail!("unknown mode {other} (full, lora)"),
     };
     let mut model = random_model(config, full)?;
+    let kernels = value("--kernels").unwrap_or_else(|_| "default".into());
+    model.set_kernels(kernel_selection(&kernels, &model.config)?);
     if !full {
         let settings = LoraSettings {
             r: 16,
@@ -188,7 +191,8 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
         })
         .collect();
     Ok(json!({
-        "shape": shape, "mode": mode, "bf16": bf16, "gradient_checkpointing": checkpointing,
+        "shape": shape, "mode": mode, "kernels": kernels, "bf16": bf16,
+        "gradient_checkpointing": checkpointing,
         "batch": batch, "seq": seq, "steps": steps, "trainable_params": trainable,
         "tokens_per_s": (batch * seq) as f64 / secs, "step_s": secs, "last_loss": last_loss,
         "plugins": loaded, "hook_s_per_step": hook_s,
@@ -196,20 +200,130 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
     }))
 }
 
-fn peak_rss_mib() -> f64 {
+/// The kernels of a benchmark row: `reference` (every fused op replaced by its composition
+/// of plain ops), `default` (axl's kernels, no plugin), or the choices of the built-in
+/// plugins as a config listing them makes them: `liger` (every liger kernel, fused linear
+/// cross-entropy included), `cce` (cut cross-entropy), `liger+cce` (liger's norm, activation
+/// and rotary kernels with cut cross-entropy).
+fn kernel_selection(name: &str, config: &ModelConfig) -> anyhow::Result<KernelSelection> {
+    let (plugins, keys) = match name {
+        "default" => return Ok(KernelSelection::default()),
+        "reference" => {
+            return Ok(KernelSelection {
+                rms_norm: Implementation::Reference,
+                glu: Implementation::Reference,
+                rope: Implementation::Reference,
+                loss: LossKernel::Logits(Implementation::Reference, Default::default()),
+            })
+        }
+        "liger" => (
+            vec!["liger"],
+            json!({"liger_rope": true, "liger_rms_norm": true, "liger_glu_activation": true,
+                   "liger_fused_linear_cross_entropy": true}),
+        ),
+        "cce" => (vec!["cut_cross_entropy"], json!({})),
+        "liger+cce" => (
+            vec!["liger", "cut_cross_entropy"],
+            json!({"liger_rope": true, "liger_rms_norm": true, "liger_glu_activation": true}),
+        ),
+        other => bail!("unknown kernels {other} (reference, default, liger, cce, liger+cce)"),
+    };
+    let specs: Vec<PluginSpec> = plugins
+        .iter()
+        .map(|name| {
+            parse_entry(&(*name).into(), &|p| std::path::PathBuf::from(p))
+                .map_err(|e| anyhow::anyhow!(e))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let scratch = std::env::temp_dir().join("axl-bench-plugins");
+    let mut manager = PluginManager::load(&specs, std::path::Path::new("."), &scratch)
+        .map_err(|e| anyhow::anyhow!("{}", e[0]))?;
+    let mut services = Services::default();
+    manager.configure(
+        &RunContext {
+            command: "train".into(),
+            config: keys,
+            ..Default::default()
+        },
+        &mut services,
+    )?;
+    let info = ModelInfo {
+        model_type: config.architecture.model_type().into(),
+        config: serde_json::Value::Object(config.raw.clone()),
+        parameters: Vec::new(),
+    };
+    let choices = manager
+        .pre_model_load(&info, &mut services)?
+        .into_iter()
+        .map(|(kernel, c)| (kernel, (c.plugin, c.value)))
+        .collect();
+    Ok(KernelSelection::from_choices(&choices, config)?)
+}
+
+/// The loss path alone at the SmolLM2-135M head's shape (`--seq` rows of hidden 576, vocab
+/// 49152, the head frozen as in LoRA): forward and backward of `--kernel logits|fused_linear|cut`,
+/// with the memory it adds to the process's resident set at its peak.
+fn loss_path(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json::Value> {
+    let kernel = args
+        .iter()
+        .position(|a| a == "--kernel")
+        .and_then(|i| args.get(i + 1))
+        .context("loss needs --kernel logits|fused_linear|cut")?
+        .clone();
+    let model = random_model(SMOLLM2_135M, false)?;
+    let loss = match kernel.as_str() {
+        "logits" => LossKernel::default(),
+        "fused_linear" => LossKernel::FusedLinear(Default::default(), Default::default()),
+        "cut" => LossKernel::Cut(Default::default(), Default::default()),
+        other => bail!("unknown loss kernel {other}"),
+    };
+    let mut model = model;
+    model.set_kernels(KernelSelection {
+        loss,
+        ..Default::default()
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let values: Vec<f32> = (0..seq * 576)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let hidden = candle_core::Var::from_vec(values, (1, seq, 576), &Device::Cpu)?;
+    let labels: Vec<i64> = (0..seq).map(|_| rng.random_range(0..49152i64)).collect();
+    let labels = Tensor::from_vec(labels, (1, seq), &Device::Cpu)?;
+    let run = || -> anyhow::Result<()> {
+        let loss = model.token_loss(hidden.as_tensor(), &labels)?;
+        let grads = loss.sum.backward()?;
+        anyhow::ensure!(grads.get(hidden.as_tensor()).is_some(), "no gradient");
+        Ok(())
+    };
+    let before = current_rss_mib();
+    reset_peak_rss();
+    let secs = seconds_per_step(steps, run)?;
+    Ok(json!({
+        "kernel": kernel, "seq": seq, "step_s": secs,
+        "loss_path_mib": peak_rss_mib() - before,
+    }))
+}
+
+/// The resident set now, in MiB.
+fn current_rss_mib() -> f64 {
+    status_kib("VmRSS:") / 1024.0
+}
+
+/// Starts the peak resident set (`VmHWM`) over from the current one.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn status_kib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l.to_string())
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn peak_rss_mib() -> f64 {
+    status_kib("VmHWM:") / 1024.0
 }
 
 /// Runs `step` once to warm up, then `steps` times, and returns the mean seconds per step.
@@ -240,7 +354,7 @@ fn main() -> anyhow::Result<()> {
     axl::allocator::tune_for_tensors();
     axl::threads::no_idle_spinning();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--gradient-checkpointing] [--bf16]")?.clone();
+    let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--kernels reference|default|liger|cce|liger+cce] [--gradient-checkpointing] [--bf16] | loss --kernel logits|fused_linear|cut")?.clone();
     let seq = arg(&args, "--seq", 512)?;
     let steps = arg(&args, "--steps", 3)?;
     let new_tokens = arg(&args, "--new-tokens", 256)?;
@@ -257,6 +371,7 @@ fn main() -> anyhow::Result<()> {
             json!({"mode": mode, "seq": seq, "tokens_per_s": seq as f64 / secs, "step_s": secs})
         }
         "train" => train(&args, seq, steps)?,
+        "loss" => loss_path(&args, seq, steps)?,
         "generate" => {
             let model = random_model(SMOLLM2_135M, false)?;
             let prompt = &ids[..16.min(ids.len())];

@@ -16,7 +16,7 @@ use crate::token_loss::{CountedRows, LossOptions, RowStats};
 use crate::{vectorized, Precision};
 
 /// The bytes of logits one chunk may hold.
-const CHUNK_BYTES: usize = 32 << 20;
+const CHUNK_BYTES: usize = 64 << 20;
 
 /// How the fused op runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,8 +1,10 @@
 //! Fused training ops for axl's decoder on CPU, each with its own backward pass: causal
-//! attention that never stores the `[len, len]` probabilities, RMSNorm, the gated MLP
-//! activations (SwiGLU, GEGLU), rotary embeddings, the cross-entropy of a language-model
-//! head, and linear layers (trained, frozen, LoRA-adapted) whose products run in f32 or, on
-//! CPUs with AVX-512 BF16, in bf16 with f32 sums ([`Precision`]).
+//! attention that never stores the `[len, len]` probabilities, RMSNorm, LayerNorm, the gated
+//! MLP activations (SwiGLU, GEGLU), rotary embeddings, the cross-entropy of a language-model
+//! head over whole logits, fused with the head in chunks (Liger's fused linear
+//! cross-entropy) or blockwise without the logits (cut cross-entropy), linear layers (trained,
+//! frozen, LoRA-adapted) whose products run in f32 or, on CPUs with AVX-512 BF16, in bf16
+//! with f32 sums ([`Precision`]), and the fused AdamW update.
 //!
 //! A chain of candle primitives keeps every intermediate tensor for its backward pass and makes
 //! one pass over memory per primitive; each op here makes one or two passes and keeps only its
@@ -16,12 +18,14 @@
 
 #![deny(missing_docs)]
 
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod cut_cross_entropy;
 pub mod fused_linear_cross_entropy;
 pub mod glu;
 pub mod inplace;
+pub mod layer_norm;
 pub mod linear;
 pub mod lora_linear;
 pub mod rms_norm;

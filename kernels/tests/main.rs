@@ -782,3 +782,69 @@ fn cut_cross_entropy_filter_skips_negligible_blocks() {
         "the filter skipped nothing"
     );
 }
+
+#[test]
+fn layer_norm_matches_reference() {
+    use axl_kernels::layer_norm;
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    for shape in [
+        vec![1, 1, 8],
+        vec![2, 5, 33],
+        vec![3, 17, 64],
+        vec![1, 40, 576],
+    ] {
+        let width = *shape.last().unwrap();
+        // An offset mean, so that the variance is not the mean square.
+        let x = (random(&mut rng, &shape, 2.0) + 3.0).unwrap();
+        let w = random(&mut rng, &[width], 1.0);
+        let b = random(&mut rng, &[width], 1.0);
+        compare(
+            &format!("layer_norm {shape:?}"),
+            &[x, w, b],
+            &|t| layer_norm::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            &|t| layer_norm::reference(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn fused_adamw_matches_reference_over_steps() {
+    use axl_kernels::adamw::{self, AdamWStep};
+    let mut rng = ChaCha8Rng::seed_from_u64(32);
+    for len in [1usize, 7, 70_001] {
+        let to_vec = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        let mut param = to_vec(&random(&mut rng, &[len], 1.0));
+        let (mut first, mut second) = (vec![0f32; len], vec![0f32; len]);
+        let (mut p_ref, mut m_ref, mut v_ref) = (
+            Tensor::new(param.as_slice(), &Device::Cpu).unwrap(),
+            Tensor::zeros(len, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros(len, DType::F32, &Device::Cpu).unwrap(),
+        );
+        for step in 1..=4 {
+            let grad = random(&mut rng, &[len], 0.1);
+            let h = AdamWStep {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                lr: 1e-3,
+                weight_decay: 0.01,
+                step,
+            };
+            adamw::update(&h, &mut param, &to_vec(&grad), &mut first, &mut second);
+            (p_ref, m_ref, v_ref) = adamw::reference(&h, &p_ref, &grad, &m_ref, &v_ref).unwrap();
+            for (name, got, want) in [
+                ("param", &param, to_vec(&p_ref)),
+                ("first", &first, to_vec(&m_ref)),
+                ("second", &second, to_vec(&v_ref)),
+            ] {
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                        "{len} elements, step {step}, {name}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}

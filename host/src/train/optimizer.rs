@@ -170,29 +170,20 @@ impl Optimizer {
                     state.first = vec![0.0; param.len()];
                     state.second = vec![0.0; param.len()];
                 }
-                let (b1, b2) = (s.beta1 as f32, s.beta2 as f32);
-                let bc1 = 1.0 - s.beta1.powi(step as i32);
-                let bc2_sqrt = (1.0 - s.beta2.powi(step as i32)).sqrt() as f32;
-                let step_size = (lr / bc1) as f32;
-                let decay = (1.0 - lr * wd) as f32;
-                let eps = s.epsilon as f32;
-                param
-                    .par_chunks_mut(CHUNK)
-                    .zip(grad.par_chunks(CHUNK))
-                    .zip(state.first.par_chunks_mut(CHUNK))
-                    .zip(state.second.par_chunks_mut(CHUNK))
-                    .for_each(|(((param, grad), first), second)| {
-                        vectorized!({
-                            for (((p, g), m), v) in
-                                param.iter_mut().zip(grad).zip(first).zip(second)
-                            {
-                                *p *= decay;
-                                *m = b1 * *m + (1.0 - b1) * g;
-                                *v = b2 * *v + (1.0 - b2) * g * g;
-                                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                            }
-                        })
-                    });
+                axl_kernels::adamw::update(
+                    &axl_kernels::adamw::AdamWStep {
+                        beta1: s.beta1,
+                        beta2: s.beta2,
+                        epsilon: s.epsilon,
+                        lr,
+                        weight_decay: wd,
+                        step,
+                    },
+                    param,
+                    grad,
+                    &mut state.first,
+                    &mut state.second,
+                );
             }
             OptimizerKind::Sgd => {
                 let (lr, wd) = (lr as f32, wd as f32);
