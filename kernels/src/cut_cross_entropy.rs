@@ -166,13 +166,8 @@ impl CustomOp2 for CutCrossEntropy {
         let (rows, features) = crate::linear::rows_and_features(hidden_layout.shape())?;
         let (vocab, _) = weight_layout.shape().dims2()?;
         let counted = CountedRows::new(&self.targets, rows, vocab)?;
-        let packed;
-        let x: &[f32] = if counted.all(rows) {
-            hidden
-        } else {
-            packed = counted.gather(hidden, features);
-            &packed
-        };
+        let packed = counted.packed(hidden, features);
+        let x: &[f32] = &packed;
         let ops = Operands {
             x,
             weight,
@@ -222,13 +217,8 @@ impl CustomOp2 for CutCrossEntropy {
         let threshold = self.settings.filter_threshold();
         let precision = self.settings.precision;
         let (grad_x, grad_w) = with_slices(&[hidden, weight], self.name(), |s| {
-            let packed;
-            let x: &[f32] = if counted.all(rows) {
-                s[0]
-            } else {
-                packed = counted.gather(s[0], features);
-                &packed
-            };
+            let packed = counted.packed(s[0], features);
+            let x: &[f32] = &packed;
             let ops = Operands {
                 x,
                 weight: s[1],
@@ -293,13 +283,7 @@ impl CustomOp2 for CutCrossEntropy {
                     }
                 }
             });
-            let grad_x = grad_x.map(|g| {
-                if counted.all(rows) {
-                    g
-                } else {
-                    counted.scatter(&g, rows, features)
-                }
-            });
+            let grad_x = grad_x.map(|g| counted.unpacked(g, rows, features));
             Ok((grad_x, grad_w))
         })?;
         Ok((

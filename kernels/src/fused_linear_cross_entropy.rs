@@ -97,13 +97,8 @@ impl CustomOp2 for FusedLinearCrossEntropy {
         let (rows, features) = crate::linear::rows_and_features(hidden_layout.shape())?;
         let (vocab, _) = weight_layout.shape().dims2()?;
         let counted = CountedRows::new(&self.targets, rows, vocab)?;
-        let packed;
-        let x: &[f32] = if counted.all(rows) {
-            hidden
-        } else {
-            packed = counted.gather(hidden, features);
-            &packed
-        };
+        let packed = counted.packed(hidden, features);
+        let x: &[f32] = &packed;
         let n = counted.rows.len();
         let chunk = self.settings.rows_per_chunk(vocab).min(n.max(1));
         let precision = self.settings.precision;
@@ -194,13 +189,7 @@ impl CustomOp2 for FusedLinearCrossEntropy {
             }
         }
         drop(logits);
-        let grad_x = grad_x.map(|g| {
-            if counted.all(rows) {
-                g
-            } else {
-                counted.scatter(&g, rows, features)
-            }
-        });
+        let grad_x = grad_x.map(|g| counted.unpacked(g, rows, features));
         *self.gradients.lock().unwrap_or_else(|e| e.into_inner()) = Some((grad_x, grad_w));
         // Summed in row order in f64, so that the result does not depend on scheduling.
         let loss: f64 = losses.iter().map(|&l| l as f64).sum();

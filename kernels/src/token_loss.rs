@@ -10,6 +10,8 @@
 //! `(1 − ε)·(L − z_y) + ε·(L − mean(z)) + s·L²` (label smoothing `ε`, z-loss scale `s`),
 //! multiplied under token scaling by the detached probability of the target, `e^(z_y − L)`.
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::cpu::{lane_max, lane_sum, sum_exp_shifted};
@@ -208,22 +210,25 @@ impl CountedRows {
         Ok(counted)
     }
 
-    /// Whether every row counts (no gathering needed).
-    pub fn all(&self, rows: usize) -> bool {
-        self.rows.len() == rows
-    }
-
-    /// The counted rows of `x` (`[rows, width]`), packed together.
-    pub fn gather(&self, x: &[f32], width: usize) -> Vec<f32> {
+    /// The counted rows of `x` (`[rows, width]`) packed together; `x` itself when every row
+    /// counts.
+    pub fn packed<'a>(&self, x: &'a [f32], width: usize) -> Cow<'a, [f32]> {
+        if self.rows.len() * width == x.len() {
+            return Cow::Borrowed(x);
+        }
         let mut packed = Vec::with_capacity(self.rows.len() * width);
         for &r in &self.rows {
             packed.extend_from_slice(&x[r * width..(r + 1) * width]);
         }
-        packed
+        Cow::Owned(packed)
     }
 
-    /// `packed` (`[counted, width]`) spread back to `[rows, width]`, zeros elsewhere.
-    pub fn scatter(&self, packed: &[f32], rows: usize, width: usize) -> Vec<f32> {
+    /// `packed` (`[counted, width]`) spread back to `[rows, width]`, zeros in the rows not
+    /// counted; `packed` itself when every row counts.
+    pub fn unpacked(&self, packed: Vec<f32>, rows: usize, width: usize) -> Vec<f32> {
+        if self.rows.len() == rows {
+            return packed;
+        }
         let mut full = vec![0f32; rows * width];
         for (i, &r) in self.rows.iter().enumerate() {
             full[r * width..(r + 1) * width].copy_from_slice(&packed[i * width..(i + 1) * width]);
