@@ -329,22 +329,3 @@ fn kept_column_runs(
     }
     runs
 }
-
-/// The loss of [`cut_cross_entropy`] without its gradients, as an f64: what an evaluation
-/// pass needs (one pass over the tiles).
-pub fn loss_value(
-    hidden: &Tensor,
-    weight: &Tensor,
-    targets: &[i64],
-    options: &LossOptions,
-    settings: Settings,
-) -> Result<f64> {
-    let loss = cut_cross_entropy(
-        &hidden.detach(),
-        &weight.detach(),
-        targets,
-        options,
-        settings,
-    )?;
-    Ok(loss.to_scalar::<f32>()? as f64)
-}

@@ -228,22 +228,3 @@ impl CustomOp2 for FusedLinearCrossEntropy {
         ))
     }
 }
-
-/// The loss of [`fused_linear_cross_entropy`] without its gradients, as an f64: what an
-/// evaluation pass needs.
-pub fn loss_value(
-    hidden: &Tensor,
-    weight: &Tensor,
-    targets: &[i64],
-    options: &LossOptions,
-    settings: Settings,
-) -> Result<f64> {
-    let loss = fused_linear_cross_entropy(
-        &hidden.detach(),
-        &weight.detach(),
-        targets,
-        options,
-        settings,
-    )?;
-    Ok(loss.to_scalar::<f32>()? as f64)
-}
