@@ -7,3 +7,7 @@ cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2
 cargo build --workspace --locked
 cargo test --workspace --locked
+# The GPU kernels build without a CUDA toolkit; their tests compare each with its CPU
+# reference on a GPU, and say on stderr that they are skipped where there is none.
+cargo check --locked -p axl-kernels -p axl-bench --features cuda --all-targets
+cargo test --locked -p axl-kernels --features cuda --test kernels cuda::

@@ -6,7 +6,9 @@
 //! and carries it to `∂hidden` (and `∂weight` when the weight trains) — skipping the columns
 //! of a tile whose every gradient is below the precision of the products ("gradient
 //! filtering": `finfo(dtype).eps / 32` of the products' type, as the reference
-//! implementation's `filter_eps="auto"`). Rows whose target is ignored are dropped first.
+//! implementation's `filter_eps="auto"`, compared, as there, with each row's gradient before
+//! the incoming gradient and token scaling scale it). Rows whose target is ignored are
+//! dropped first.
 
 use std::sync::{Arc, Mutex};
 
@@ -240,7 +242,11 @@ impl CustomOp2 for CutCrossEntropy {
                         })
                     });
                 let tile: &[f32] = tile;
-                for (c0, c1) in kept_column_runs(tile, m, w, threshold) {
+                let row_thresholds: Vec<f32> = factors[t0..t0 + m]
+                    .iter()
+                    .map(|&factor| threshold * (factor * scale).abs())
+                    .collect();
+                for (c0, c1) in kept_column_runs(tile, w, threshold, &row_thresholds) {
                     let columns = Mat {
                         ptr: tile[c0..].as_ptr(),
                         rs: w as isize,
@@ -293,13 +299,17 @@ impl CustomOp2 for CutCrossEntropy {
     }
 }
 
-/// The runs `[c0, c1)` of columns of a gradient tile (`rows × width`) that hold a value of at
-/// least `threshold` in size, in blocks of [`FILTER_COLUMNS`]; runs of kept blocks are merged.
+/// The runs `[c0, c1)` of columns of a gradient tile (`width` wide) in which some row `r`
+/// holds a value of at least `row_thresholds[r]` in size, in blocks of [`FILTER_COLUMNS`]; runs
+/// of kept blocks are merged. Each row's threshold is the filter's `threshold` times the factor
+/// the row's gradient was scaled by (the incoming gradient, and the target's probability under
+/// token scaling), so that, as in the reference implementation, what is compared is the
+/// unscaled `softmax − onehot`. A `threshold` of 0 keeps everything.
 fn kept_column_runs(
     tile: &[f32],
-    rows: usize,
     width: usize,
     threshold: f32,
+    row_thresholds: &[f32],
 ) -> Vec<(usize, usize)> {
     let blocks = width.div_ceil(FILTER_COLUMNS);
     let kept: Vec<bool> = (0..blocks)
@@ -309,10 +319,10 @@ fn kept_column_runs(
                 return true;
             }
             let (c0, c1) = (b * FILTER_COLUMNS, ((b + 1) * FILTER_COLUMNS).min(width));
-            (0..rows).any(|r| {
+            row_thresholds.iter().enumerate().any(|(r, &limit)| {
                 tile[r * width + c0..r * width + c1]
                     .iter()
-                    .any(|g| g.abs() >= threshold)
+                    .any(|g| g.abs() >= limit)
             })
         })
         .collect();

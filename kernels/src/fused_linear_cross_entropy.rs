@@ -23,7 +23,7 @@ const CHUNK_BYTES: usize = 64 << 20;
 pub struct Settings {
     /// Precision of the three products.
     pub precision: Precision,
-    /// Rows per chunk; by default as many as fit 32 MiB of logits (at least 16).
+    /// Rows per chunk; by default as many as fit 64 MiB of logits (at least 16).
     pub chunk_rows: Option<usize>,
 }
 

@@ -4,7 +4,8 @@
 //! head over whole logits, fused with the head in chunks (Liger's fused linear
 //! cross-entropy) or blockwise without the logits (cut cross-entropy), linear layers (trained,
 //! frozen, LoRA-adapted) whose products run in f32 or, on CPUs with AVX-512 BF16, in bf16
-//! with f32 sums ([`Precision`]), and the fused AdamW update.
+//! with f32 sums ([`Precision`]), and the fused AdamW update. With the `cuda` feature, the
+//! [`cuda`] module runs the same ops on NVIDIA GPUs (kernels compiled at run time by NVRTC).
 //!
 //! A chain of candle primitives keeps every intermediate tensor for its backward pass and makes
 //! one pass over memory per primitive; each op here makes one or two passes and keeps only its
@@ -21,6 +22,8 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod cut_cross_entropy;
 pub mod fused_linear_cross_entropy;
 pub mod glu;

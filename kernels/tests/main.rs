@@ -781,6 +781,24 @@ fn cut_cross_entropy_filter_skips_negligible_blocks() {
         max_rel_diff(&filtered, &exact) > 1e-3,
         "the filter skipped nothing"
     );
+    // The filter looks at each row's gradient before the incoming gradient scales it: a mean
+    // over many tokens keeps the same blocks.
+    let var = Var::from_tensor(&hidden).unwrap();
+    let settings = cut_cross_entropy::Settings {
+        filter_eps: Some(1e-3),
+        ..Default::default()
+    };
+    let loss = cut_cross_entropy::cut_cross_entropy(
+        var.as_tensor(),
+        &weight,
+        &targets,
+        &options,
+        settings,
+    )
+    .unwrap();
+    let scaled = (loss * 1e-4).unwrap().backward().unwrap();
+    let scaled = (scaled.get(var.as_tensor()).unwrap() * 1e4).unwrap();
+    assert!(max_rel_diff(&scaled, &only_targets) < 1e-4);
 }
 
 #[test]
@@ -848,3 +866,6 @@ fn fused_adamw_matches_reference_over_steps() {
         }
     }
 }
+
+#[cfg(feature = "cuda")]
+mod cuda;
