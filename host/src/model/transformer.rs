@@ -10,6 +10,7 @@ use axl_kernels::attention::{causal_attention, CausalMask, Scores};
 use axl_kernels::glu::{gated, GateActivation};
 use axl_kernels::rope::rope;
 use axl_kernels::Precision;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
@@ -591,14 +592,18 @@ impl CausalLm {
     /// layer's input, and the backward pass recomputes one layer at a time, replaying its
     /// dropout masks, so the gradients equal those of the plain backward pass while at most one
     /// layer's activations are alive. Returns the loss sum, the counted positions, and the
-    /// gradients.
+    /// gradients of the trainable parameters.
+    ///
+    /// Each partial backward pass also leaves gradients for the untracked tensors its ops read
+    /// (frozen weights, rotary tables, masks); only the trainable parameters' are kept, so
+    /// those of one layer are freed before the next layer is recomputed.
     pub fn checkpointed_loss_and_grads(
         &self,
         input_ids: &Tensor,
         layout: Option<&PackedLayout>,
         labels: &Tensor,
         scale: f64,
-    ) -> Result<(f64, usize, candle_core::backprop::GradStore)> {
+    ) -> Result<(f64, usize, GradStore)> {
         let (_, len) = input_ids.dims2()?;
         let (cos, sin, layer_masks) = self.uncached_positions(len, layout)?;
         let positions = |i: usize| Positions {
@@ -613,14 +618,34 @@ impl CausalLm {
             let y = self.layer_forward(layer, &inputs[i], &positions(i), None)?;
             inputs.push(y.detach());
         }
+        let trainable: Vec<Tensor> = self
+            .trainable_params()
+            .into_iter()
+            .map(|(_, var)| var.as_tensor().clone())
+            .collect();
+        let mut grads = GradStore::default();
+        let mut keep_trainable = |partial: &mut GradStore| -> Result<()> {
+            for param in &trainable {
+                if let Some(grad) = partial.remove(param) {
+                    let sum = match grads.remove(param) {
+                        Some(earlier) => (earlier + grad)?,
+                        None => grad,
+                    };
+                    grads.insert(param, sum);
+                }
+            }
+            Ok(())
+        };
         let top = candle_core::Var::from_tensor(&inputs[self.layers.len()])?;
         let loss = self.token_loss(&self.normed(&self.norm, top.as_tensor())?, labels)?;
         let sum = loss.sum.to_scalar::<f32>()? as f64;
-        let mut grads = (loss.sum * scale)?.backward()?;
+        let mut head_grads = (loss.sum * scale)?.backward()?;
         let after_head = self.dropout.as_ref().map(DropoutRng::state);
-        let mut upstream = grads
+        let mut upstream = head_grads
             .remove(top.as_tensor())
             .ok_or_else(|| ModelError::Invalid("no gradient reached the last layer".into()))?;
+        keep_trainable(&mut head_grads)?;
+        drop(head_grads);
         for (i, layer) in self.layers.iter().enumerate().rev() {
             if let (Some(rng), Some(state)) = (&self.dropout, &rng_states[i]) {
                 rng.set_state(state.clone());
@@ -631,11 +656,11 @@ impl CausalLm {
             upstream = layer_grads
                 .remove(x.as_tensor())
                 .ok_or_else(|| ModelError::Invalid(format!("no gradient reached layer {i}")))?;
-            grads.extend(layer_grads)?;
+            keep_trainable(&mut layer_grads)?;
         }
         if matches!(self.embed_tokens.weight, Param::Trainable(_)) {
             let x0 = self.embed(input_ids)?;
-            grads.extend((x0 * &upstream)?.sum_all()?.backward()?)?;
+            keep_trainable(&mut (x0 * &upstream)?.sum_all()?.backward()?)?;
         }
         if let (Some(rng), Some(state)) = (&self.dropout, after_head) {
             rng.set_state(state);

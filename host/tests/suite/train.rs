@@ -545,6 +545,36 @@ fn neftune_noise_applies_only_while_training_and_is_seeded() {
     assert_eq!(max_abs_diff(&eval, &clean), 0.0);
 }
 
+/// The checkpointed backward pass returns the trainable parameters' gradients and nothing
+/// else: the gradients its partial passes leave for frozen weights and other untracked inputs
+/// are dropped a layer at a time instead of piling up until the step ends.
+#[test]
+fn gradient_checkpointing_keeps_only_the_trainable_gradients() {
+    let model = trainable_llama(true);
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 13, 2, 7]], model.device()).unwrap();
+    let labels = candle_core::Tensor::new(&[[5i64, 9, 13, 2, 7, -100]], model.device()).unwrap();
+    let (_, count, grads) = model
+        .checkpointed_loss_and_grads(&ids, None, &labels, 1.0)
+        .unwrap();
+    assert!(count > 0);
+    for (name, param) in model.named_params() {
+        match param {
+            axl::model::layers::Param::Trainable(var) => {
+                assert!(
+                    grads.get(var.as_tensor()).is_some(),
+                    "{name} has no gradient"
+                )
+            }
+            axl::model::layers::Param::Frozen(tensor) => {
+                assert!(
+                    grads.get(&tensor).is_none(),
+                    "frozen {name} kept a gradient"
+                )
+            }
+        }
+    }
+}
+
 /// Activation checkpointing gives the loss and gradients of the plain backward pass (1e-5),
 /// with LoRA dropout replayed, packed or not, and on gemma2's sliding-window, tied layers.
 #[test]
