@@ -304,6 +304,51 @@ fn loss_path(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_
     }))
 }
 
+/// The matrix products of a SmolLM2-135M step at `--seq` rows: each linear layer's shape
+/// (`rows × out × in`) forward and backward (`x·Wᵀ`, then `∂x = ∂y·W` and `∂W = ∂yᵀ·x`: both
+/// transposed operands of the backward pass), in f32 and, where the CPU has AVX-512 BF16, in
+/// bf16 with f32 sums; GFLOP/s of the three products together.
+fn gemm(seq: usize, steps: usize) -> anyhow::Result<serde_json::Value> {
+    use axl_kernels::{linear, Precision};
+    let shapes = [
+        ("q_proj, o_proj", 576, 576),
+        ("k_proj, v_proj", 192, 576),
+        ("gate_proj, up_proj", 1536, 576),
+        ("down_proj", 576, 1536),
+        ("lm_head", 49152, 576),
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut random = |shape: (usize, usize)| -> anyhow::Result<candle_core::Var> {
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Ok(candle_core::Var::from_vec(values, shape, &Device::Cpu)?)
+    };
+    let mut rows = Vec::new();
+    for (name, out, inp) in shapes {
+        let x = random((seq, inp))?;
+        let w = random((out, inp))?;
+        for precision in [Precision::F32, Precision::Bf16] {
+            if precision == Precision::Bf16 && !Precision::bf16_available() {
+                continue;
+            }
+            let secs = seconds_per_step(steps, || {
+                let y = linear::linear(x.as_tensor(), w.as_tensor(), precision)?;
+                let grads = y.sum_all()?.backward()?;
+                anyhow::ensure!(grads.get(w.as_tensor()).is_some(), "no gradient");
+                Ok(())
+            })?;
+            let flops = 3.0 * 2.0 * (seq * out * inp) as f64;
+            rows.push(json!({
+                "layer": name, "rows": seq, "out": out, "in": inp,
+                "precision": format!("{precision:?}"), "step_s": secs,
+                "gflops": flops / secs / 1e9,
+            }));
+        }
+    }
+    Ok(json!({"mode": "gemm", "seq": seq, "products": rows}))
+}
+
 /// The resident set now, in MiB.
 fn current_rss_mib() -> f64 {
     status_kib("VmRSS:") / 1024.0
@@ -354,7 +399,7 @@ fn main() -> anyhow::Result<()> {
     axl::allocator::tune_for_tensors();
     axl::threads::no_idle_spinning();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--kernels reference|default|liger|cce|liger+cce] [--gradient-checkpointing] [--bf16] | loss --kernel logits|fused_linear|cut")?.clone();
+    let mode = args.first().context("usage: axl-bench-model forward|generate|train [--seq N] [--steps N] [--new-tokens N] [--shape tiny|smol --mode full|lora] [--kernels reference|default|liger|cce|liger+cce] [--gradient-checkpointing] [--bf16] | loss --kernel logits|fused_linear|cut | gemm")?.clone();
     let seq = arg(&args, "--seq", 512)?;
     let steps = arg(&args, "--steps", 3)?;
     let new_tokens = arg(&args, "--new-tokens", 256)?;
@@ -372,6 +417,7 @@ fn main() -> anyhow::Result<()> {
         }
         "train" => train(&args, seq, steps)?,
         "loss" => loss_path(&args, seq, steps)?,
+        "gemm" => gemm(seq, steps)?,
         "generate" => {
             let model = random_model(SMOLLM2_135M, false)?;
             let prompt = &ids[..16.min(ids.len())];
