@@ -810,7 +810,6 @@ impl Gpu {
     }
 
     fn check_head(
-        &self,
         hidden: &CudaSlice<f32>,
         weight: &CudaSlice<f32>,
         targets: &[i64],
@@ -839,7 +838,7 @@ impl Gpu {
         settings: fused_linear_cross_entropy::Settings,
         weight_grad: bool,
     ) -> Result<HeadLoss> {
-        self.check_head(hidden, weight, targets, shape, options)?;
+        Self::check_head(hidden, weight, targets, shape, options)?;
         let HeadShape {
             features, vocab, ..
         } = shape;
@@ -921,7 +920,7 @@ impl Gpu {
         options: &LossOptions,
         settings: cut_cross_entropy::Settings,
     ) -> Result<CutForward> {
-        self.check_head(hidden, weight, targets, shape, options)?;
+        Self::check_head(hidden, weight, targets, shape, options)?;
         if settings.token_block == 0 || settings.vocab_block == 0 {
             return shape_error(
                 "cut cross-entropy: blocks must hold at least one row and id".into(),

@@ -281,6 +281,23 @@ __device__ __forceinline__ float logit_gradient(const LossOptions& o, float raw,
     return g;
 }
 
+// The maximum `m` and sum `s` of exp(z − m) of a row of `width` (soft-capped) logits, and
+// their sum when label smoothing needs it (else 0), returned to every thread of the block.
+// `shared` holds 64 floats.
+__device__ void row_stats(const float* zr, int width, const LossOptions& o, float* shared,
+                          float& m, float& s, float& logit_sum) {
+    m = NEG_INF;
+    s = 0.0f;
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        const float z = cap(zr[c], o.softcap);
+        merge_max_sum(m, s, z, 1.0f);
+        sum += z;
+    }
+    block_max_sum(m, s, shared);
+    logit_sum = o.smoothing > 0.0f ? block_sum(sum, shared) : 0.0f;
+}
+
 // Each row of `logits` `[rows, vocab]` (starting `row_stride` apart) is replaced by `scale`
 // times the gradient of its loss, which goes to `losses[row]`. A negative target is a row not
 // counted: loss 0, gradient 0.
@@ -296,14 +313,8 @@ extern "C" __global__ void cross_entropy_rows(float* logits, const int* targets,
         if (threadIdx.x == 0) losses[row] = 0.0f;
         return;
     }
-    float m = NEG_INF, s = 0.0f, sum = 0.0f;
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-        const float z = cap(zr[c], o.softcap);
-        merge_max_sum(m, s, z, 1.0f);
-        sum += z;
-    }
-    block_max_sum(m, s, shared);
-    const float logit_sum = o.smoothing > 0.0f ? block_sum(sum, shared) : 0.0f;
+    float m, s, logit_sum;
+    row_stats(zr, vocab, o, shared, m, s, logit_sum);
     const float lse = m + logf(s);
     const float target_logit = cap(zr[target], o.softcap);
     float weight;
@@ -322,14 +333,8 @@ extern "C" __global__ void row_stats_add(const float* tile, long ld, int width, 
     __shared__ float shared[64];
     const long row = blockIdx.x;
     const float* zr = tile + row * ld;
-    float m = NEG_INF, s = 0.0f, sum = 0.0f;
-    for (int c = threadIdx.x; c < width; c += blockDim.x) {
-        const float z = cap(zr[c], o.softcap);
-        merge_max_sum(m, s, z, 1.0f);
-        sum += z;
-    }
-    block_max_sum(m, s, shared);
-    const float tile_sum = o.smoothing > 0.0f ? block_sum(sum, shared) : 0.0f;
+    float m, s, tile_sum;
+    row_stats(zr, width, o, shared, m, s, tile_sum);
     if (threadIdx.x == 0) {
         float rm = max_io[row], rs = sum_exp_io[row];
         merge_max_sum(rm, rs, m, s);

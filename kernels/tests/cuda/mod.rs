@@ -296,11 +296,44 @@ fn check_head(
     }
 }
 
-/// The CPU tests' head shapes and one of SmolLM2's vocabulary.
-fn head_shapes() -> Vec<(usize, usize, usize, usize)> {
+/// A head loss's inputs, on the host and on the GPU.
+struct HeadCase {
+    shape: HeadShape,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Vec<i64>,
+    dh: CudaSlice<f32>,
+    dw: CudaSlice<f32>,
+}
+
+/// Random inputs (seeded by `seed`) for the CPU tests' head shapes and one of SmolLM2's
+/// vocabulary.
+fn head_cases(gpu: &Gpu, seed: u64) -> Vec<HeadCase> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut shapes = HEAD_SHAPES.to_vec();
     shapes.push((96, 64, 49152, 6));
     shapes
+        .into_iter()
+        .map(|(rows, features, vocab, ignore_every)| {
+            let hidden = random(&mut rng, &[rows, features], 1.0);
+            let weight = random(&mut rng, &[vocab, features], 0.5);
+            let targets = targets(&mut rng, rows, vocab, ignore_every);
+            let (dh, dw) = (up(gpu, &hidden), up(gpu, &weight));
+            let shape = HeadShape {
+                rows,
+                features,
+                vocab,
+            };
+            HeadCase {
+                shape,
+                hidden,
+                weight,
+                targets,
+                dh,
+                dw,
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -308,18 +341,16 @@ fn cuda_fused_linear_cross_entropy_matches_reference() {
     let Some(gpu) = gpu("cuda_fused_linear_cross_entropy_matches_reference") else {
         return;
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(35);
-    for (i, (rows, features, vocab, ignore_every)) in head_shapes().into_iter().enumerate() {
+    for (i, case) in head_cases(&gpu, 35).into_iter().enumerate() {
         let options = loss_options()[i % loss_options().len()];
-        let hidden = random(&mut rng, &[rows, features], 1.0);
-        let weight = random(&mut rng, &[vocab, features], 0.5);
-        let targets = targets(&mut rng, rows, vocab, ignore_every);
-        let (dh, dw) = (up(&gpu, &hidden), up(&gpu, &weight));
-        let shape = HeadShape {
-            rows,
-            features,
-            vocab,
-        };
+        let HeadCase {
+            shape,
+            hidden,
+            weight,
+            targets,
+            dh,
+            dw,
+        } = case;
         for chunk_rows in [None, Some(1), Some(5)] {
             let settings = fused_linear_cross_entropy::Settings {
                 precision: Precision::F32,
@@ -351,18 +382,16 @@ fn cuda_cut_cross_entropy_matches_reference() {
     let Some(gpu) = gpu("cuda_cut_cross_entropy_matches_reference") else {
         return;
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(36);
-    for (i, (rows, features, vocab, ignore_every)) in head_shapes().into_iter().enumerate() {
+    for (i, case) in head_cases(&gpu, 36).into_iter().enumerate() {
         let options = loss_options()[(i + 3) % loss_options().len()];
-        let hidden = random(&mut rng, &[rows, features], 1.0);
-        let weight = random(&mut rng, &[vocab, features], 0.5);
-        let targets = targets(&mut rng, rows, vocab, ignore_every);
-        let (dh, dw) = (up(&gpu, &hidden), up(&gpu, &weight));
-        let shape = HeadShape {
-            rows,
-            features,
-            vocab,
-        };
+        let HeadCase {
+            shape,
+            hidden,
+            weight,
+            targets,
+            dh,
+            dw,
+        } = case;
         for (token_block, vocab_block) in [(512, 2048), (3, 7), (16, 300)] {
             let settings = cut_cross_entropy::Settings {
                 token_block,
