@@ -307,8 +307,12 @@ fn loss_path(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_
 /// The matrix products of a SmolLM2-135M step at `--seq` rows: each linear layer's shape
 /// (`rows × out × in`) forward and backward (`x·Wᵀ`, then `∂x = ∂y·W` and `∂W = ∂yᵀ·x`: both
 /// transposed operands of the backward pass), in f32 and, where the CPU has AVX-512 BF16, in
-/// bf16 with f32 sums; GFLOP/s of the three products together.
+/// bf16 with f32 sums; GFLOP/s of the three products together, alone (best of `steps`
+/// repetitions, into buffers allocated once) and as a training step runs them (through
+/// [`axl_kernels::linear`] and autograd, with their allocations; mean of `steps`), beside the
+/// machine's peaks ([`peak_gflops`]).
 fn gemm(seq: usize, steps: usize) -> anyhow::Result<serde_json::Value> {
+    use axl_kernels::matmul::{product, Layout};
     use axl_kernels::{linear, Precision};
     let shapes = [
         ("q_proj, o_proj", 576, 576),
@@ -318,35 +322,149 @@ fn gemm(seq: usize, steps: usize) -> anyhow::Result<serde_json::Value> {
         ("lm_head", 49152, 576),
     ];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let mut random = |shape: (usize, usize)| -> anyhow::Result<candle_core::Var> {
-        let values: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        Ok(candle_core::Var::from_vec(values, shape, &Device::Cpu)?)
-    };
+    let mut random =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let mut rows = Vec::new();
     for (name, out, inp) in shapes {
-        let x = random((seq, inp))?;
-        let w = random((out, inp))?;
+        let (x, w, dy) = (random(seq * inp), random(out * inp), random(seq * out));
+        let x_var = candle_core::Var::from_slice(&x, (seq, inp), &Device::Cpu)?;
+        let w_var = candle_core::Var::from_slice(&w, (out, inp), &Device::Cpu)?;
+        let (mut y, mut dx, mut dw) = (
+            vec![0f32; seq * out],
+            vec![0f32; seq * inp],
+            vec![0f32; out * inp],
+        );
         for precision in [Precision::F32, Precision::Bf16] {
             if precision == Precision::Bf16 && !Precision::bf16_available() {
                 continue;
             }
-            let secs = seconds_per_step(steps, || {
-                let y = linear::linear(x.as_tensor(), w.as_tensor(), precision)?;
+            let flops = 3.0 * 2.0 * (seq * out * inp) as f64;
+            let mut products = || {
+                product(
+                    precision,
+                    seq,
+                    out,
+                    inp,
+                    &x,
+                    Layout::Rows,
+                    &w,
+                    Layout::Transposed,
+                    &mut y,
+                );
+                product(
+                    precision,
+                    seq,
+                    inp,
+                    out,
+                    &dy,
+                    Layout::Rows,
+                    &w,
+                    Layout::Rows,
+                    &mut dx,
+                );
+                product(
+                    precision,
+                    out,
+                    inp,
+                    seq,
+                    &dy,
+                    Layout::Transposed,
+                    &x,
+                    Layout::Rows,
+                    &mut dw,
+                );
+            };
+            products();
+            let alone = (0..steps.max(1))
+                .map(|_| {
+                    let start = Instant::now();
+                    products();
+                    start.elapsed().as_secs_f64()
+                })
+                .fold(f64::MAX, f64::min);
+            let in_step = seconds_per_step(steps, || {
+                let y = linear::linear(x_var.as_tensor(), w_var.as_tensor(), precision)?;
                 let grads = y.sum_all()?.backward()?;
-                anyhow::ensure!(grads.get(w.as_tensor()).is_some(), "no gradient");
+                anyhow::ensure!(grads.get(w_var.as_tensor()).is_some(), "no gradient");
                 Ok(())
             })?;
-            let flops = 3.0 * 2.0 * (seq * out * inp) as f64;
             rows.push(json!({
                 "layer": name, "rows": seq, "out": out, "in": inp,
-                "precision": format!("{precision:?}"), "step_s": secs,
-                "gflops": flops / secs / 1e9,
+                "precision": format!("{precision:?}"),
+                "alone_gflops": flops / alone / 1e9,
+                "in_step_gflops": flops / in_step / 1e9,
             }));
         }
     }
-    Ok(json!({"mode": "gemm", "seq": seq, "products": rows}))
+    Ok(json!({"mode": "gemm", "seq": seq, "peak_gflops": peak_gflops(), "products": rows}))
+}
+
+/// The most GFLOP/s this machine's vector units reach on rayon's threads, f32 and (with
+/// AVX-512 BF16) bf16: each thread runs independent fused multiply-adds (`vfmadd231ps`,
+/// `vdpbf16ps`) on 24 accumulators held in registers, which no product can exceed.
+fn peak_gflops() -> serde_json::Value {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        const STEPS: usize = 20_000_000;
+        const FLOPS_PER_STEP: f64 = 24.0 * 32.0;
+        #[target_feature(enable = "avx512f")]
+        fn f32_steps() -> f32 {
+            let mut sums = [_mm512_setzero_ps(); 24];
+            let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            for _ in 0..STEPS {
+                for sum in sums.iter_mut() {
+                    *sum = _mm512_fmadd_ps(*sum, a, b);
+                }
+            }
+            _mm512_reduce_add_ps(
+                sums.iter()
+                    .fold(_mm512_setzero_ps(), |t, &s| _mm512_add_ps(t, s)),
+            )
+        }
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        fn bf16_steps() -> f32 {
+            let mut sums = [_mm512_setzero_ps(); 24];
+            // SAFETY: any 512 bits are a valid vector of 32 bf16.
+            let pairs: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3380_3380)) };
+            for _ in 0..STEPS {
+                for sum in sums.iter_mut() {
+                    *sum = _mm512_dpbf16_ps(*sum, pairs, pairs);
+                }
+            }
+            _mm512_reduce_add_ps(
+                sums.iter()
+                    .fold(_mm512_setzero_ps(), |t, &s| _mm512_add_ps(t, s)),
+            )
+        }
+        let on_every_thread = |steps: fn() -> f32, flops_per_step: f64| {
+            let threads = rayon::current_num_threads();
+            let start = Instant::now();
+            rayon::broadcast(|_| std::hint::black_box(steps()));
+            threads as f64 * STEPS as f64 * flops_per_step / start.elapsed().as_secs_f64() / 1e9
+        };
+        let mut peaks = serde_json::Map::new();
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            peaks.insert(
+                "f32".into(),
+                json!(on_every_thread(|| unsafe { f32_steps() }, FLOPS_PER_STEP)),
+            );
+        }
+        if Precision::bf16_available() {
+            // SAFETY: the CPU has AVX-512 BF16.
+            peaks.insert(
+                "bf16".into(),
+                json!(on_every_thread(
+                    || unsafe { bf16_steps() },
+                    2.0 * FLOPS_PER_STEP
+                )),
+            );
+        }
+        serde_json::Value::Object(peaks)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    json!({})
 }
 
 /// The resident set now, in MiB.

@@ -170,8 +170,12 @@ pub(crate) unsafe fn par_matmul_in(
     scale: f32,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if precision == Precision::Bf16 && m.min(n).min(k) >= 32 && crate::bf16_gemm::available() {
-        return crate::bf16_gemm::matmul(m, n, k, dst, dst_rs, accumulate, a, b, scale);
+    if precision == Precision::Bf16
+        && m.min(n).min(k) >= 32
+        && crate::packed_gemm::bf16::available()
+    {
+        use crate::packed_gemm::{bf16::Bf16, matmul};
+        return matmul::<Bf16>(m, n, k, dst, dst_rs, accumulate, a, b, scale);
     }
     let _ = precision;
     par_matmul(m, n, k, dst, dst_rs, accumulate, a, b, scale)

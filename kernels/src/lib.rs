@@ -31,14 +31,15 @@ pub mod inplace;
 pub mod layer_norm;
 pub mod linear;
 pub mod lora_linear;
+pub mod matmul;
 pub mod rms_norm;
 pub mod rope;
 pub mod simd;
 pub mod token_loss;
 
-#[cfg(target_arch = "x86_64")]
-mod bf16_gemm;
 mod cpu;
+#[cfg(target_arch = "x86_64")]
+mod packed_gemm;
 
 /// The precision of the linear layers' matrix products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,7 +59,7 @@ impl Precision {
     pub fn bf16_available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            bf16_gemm::available()
+            packed_gemm::bf16::available()
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

@@ -333,6 +333,65 @@ fn linear_matches_reference() {
     }
 }
 
+/// The public product, in every layout and precision, against candle's matmul of the same
+/// operands (bf16: of the operands rounded to bf16).
+#[test]
+fn matmul_product_matches_candle_in_every_layout() {
+    use axl_kernels::matmul::{product, Layout};
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for (m, n, k) in [(1, 1, 1), (33, 70, 45), (100, 40, 300)] {
+        let a = random(&mut rng, &[m, k], 1.0);
+        let b = random(&mut rng, &[k, n], 1.0);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let rounded = |t: &Tensor| match precision {
+                Precision::Bf16 if Precision::bf16_available() && m.min(n).min(k) >= 32 => {
+                    bf16_rounded(t)
+                }
+                _ => t.clone(),
+            };
+            let expected = rounded(&a).matmul(&rounded(&b)).unwrap();
+            for (a_layout, b_layout) in [
+                (Layout::Rows, Layout::Rows),
+                (Layout::Transposed, Layout::Rows),
+                (Layout::Rows, Layout::Transposed),
+                (Layout::Transposed, Layout::Transposed),
+            ] {
+                let data = |t: &Tensor, layout| {
+                    let t = if layout == Layout::Transposed {
+                        t.t().unwrap()
+                    } else {
+                        t.clone()
+                    };
+                    t.contiguous()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                let mut dst = vec![f32::NAN; m * n];
+                product(
+                    precision,
+                    m,
+                    n,
+                    k,
+                    &data(&a, a_layout),
+                    a_layout,
+                    &data(&b, b_layout),
+                    b_layout,
+                    &mut dst,
+                );
+                let got = Tensor::from_vec(dst, (m, n), &Device::Cpu).unwrap();
+                let diff = max_rel_diff(&got, &expected);
+                assert!(
+                    diff < 1e-5,
+                    "{m}x{n}x{k} {precision:?} {a_layout:?} {b_layout:?}: {diff}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn frozen_linear_matches_reference_and_leaves_the_weight_without_gradient() {
     use axl_kernels::linear;
