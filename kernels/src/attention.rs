@@ -18,6 +18,7 @@ use crate::cpu::{
     contiguous_f32, exp_shifted_sum, lane_max, matmul, new_block_product, tensor, with_slices, Mat,
     SharedMut,
 };
+use crate::rope::{self, Tables};
 use crate::vectorized;
 
 /// Queries per block: the scores of one block are `BLOCK × keys` floats.
@@ -136,6 +137,40 @@ pub fn causal_attention(
             scale: scores.scale as f32,
             softcap: scores.softcap.map(|c| c as f32),
             dims,
+            rotary: None,
+        },
+    )
+}
+
+/// [`causal_attention`] of `q` and `k` rotated by [`rope`](crate::rope::rope) with the tables
+/// `cos` and `sin`: the op rotates both itself, and recomputes the rotation in the backward
+/// pass instead of keeping rotated copies of q and k (a quarter of a layer's activations in
+/// the attention block) until then. Queries and keys must be at the same positions (no cache).
+pub fn causal_attention_with_rope(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    mask: &Arc<CausalMask>,
+    scores: Scores,
+) -> Result<Tensor> {
+    let dims = Dims::of(q, k, v)?;
+    let rotary = Tables::of(q, cos, sin)?;
+    // The same tables must fit k: same rows and positions, any number of heads.
+    Tables::of(k, cos, sin)?;
+    if !crate::fused_applies(&[q, k, v, cos, sin]) {
+        let (q, k) = (rope::reference(q, cos, sin)?, rope::reference(k, cos, sin)?);
+        return reference(&q, &k, v, mask, scores);
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        FusedAttention {
+            mask: mask.clone(),
+            scale: scores.scale as f32,
+            softcap: scores.softcap.map(|c| c as f32),
+            dims,
+            rotary: Some(rotary),
         },
     )
 }
@@ -242,6 +277,8 @@ struct FusedAttention {
     scale: f32,
     softcap: Option<f32>,
     dims: Dims,
+    /// The rotation the op applies to q and k first, if any.
+    rotary: Option<Tables>,
 }
 
 /// The probabilities of one block of queries over the keys `first..first + width`.
@@ -495,11 +532,19 @@ impl CustomOp3 for FusedAttention {
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = self.forward(
+        let (q, k) = (
             contiguous_f32(q, q_layout, name)?,
             contiguous_f32(k, k_layout, name)?,
-            contiguous_f32(v, v_layout, name)?,
         );
+        let v = contiguous_f32(v, v_layout, name)?;
+        let out = match &self.rotary {
+            Some(tables) => self.forward(
+                &tables.rotate(q, q_layout.shape(), false)?,
+                &tables.rotate(k, k_layout.shape(), false)?,
+                v,
+            ),
+            None => self.forward(q, k, v),
+        };
         Ok((CpuStorage::F32(out), q_layout.shape().clone()))
     }
 
@@ -512,7 +557,17 @@ impl CustomOp3 for FusedAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dq, dk, dv) = with_slices(&[q, k, v, out, grad], self.name(), |s| {
-            Ok(self.backward(s[0], s[1], s[2], s[3], s[4]))
+            let Some(tables) = &self.rotary else {
+                return Ok(self.backward(s[0], s[1], s[2], s[3], s[4]));
+            };
+            let q_rotated = tables.rotate(s[0], q.shape(), false)?;
+            let k_rotated = tables.rotate(s[1], k.shape(), false)?;
+            let (dq, dk, dv) = self.backward(&q_rotated, &k_rotated, s[2], s[3], s[4]);
+            Ok((
+                tables.rotate(&dq, q.shape(), true)?,
+                tables.rotate(&dk, k.shape(), true)?,
+                dv,
+            ))
         })?;
         Ok((
             Some(tensor(dq, q.dims())?),

@@ -1,6 +1,8 @@
 //! Rotary position embeddings in transformers' rotate-half convention,
 //! `x · cos + rotate_half(x) · sin`, applied to `[batch, len, heads, head_dim]` in one pass;
-//! the backward pass is the inverse rotation.
+//! the backward pass is the inverse rotation. Attention can also apply them to q and k itself
+//! ([`crate::attention::causal_attention_with_rope`]), so that the rotated copies are never
+//! kept for the backward pass.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -12,30 +14,11 @@ use crate::vectorized;
 /// `cos` and `sin`: `[len, head_dim]` for every row, or `[batch, len, head_dim]` per row
 /// (packed rows, whose positions restart at each sequence).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (batch, len, _, dim) = x.dims4()?;
-    let per_row = match cos.dims() {
-        [l, d] if (*l, *d) == (len, dim) => false,
-        [b, l, d] if (*b, *l, *d) == (batch, len, dim) => true,
-        other => candle_core::bail!(
-            "rope: tables of shape {other:?} for input of shape {:?}",
-            x.dims()
-        ),
-    };
-    if sin.dims() != cos.dims() || dim % 2 != 0 {
-        candle_core::bail!(
-            "rope: sin {:?} and cos {:?} differ, or odd head_dim {dim}",
-            sin.dims(),
-            cos.dims()
-        );
-    }
+    let tables = Tables::of(x, cos, sin)?;
     if !crate::fused_applies(&[x, cos, sin]) {
         return reference(x, cos, sin);
     }
-    x.contiguous()?.apply_op1(FusedRope {
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
-        per_row,
-    })
+    x.contiguous()?.apply_op1(FusedRope { tables })
 }
 
 /// The same rotation composed of differentiable candle primitives.
@@ -48,32 +31,61 @@ pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-struct FusedRope {
+/// The cosine and sine tables of a rotation, checked against the tensors they rotate.
+#[derive(Clone)]
+pub(crate) struct Tables {
     cos: Tensor,
     sin: Tensor,
+    /// Whether the tables have a batch dimension (one table per row).
     per_row: bool,
 }
 
-impl FusedRope {
-    /// Applies the rotation (or, with `inverse`, its transpose) to every head vector of `x`.
-    fn apply(&self, x: &[f32], shape: &Shape, inverse: bool) -> Result<Vec<f32>> {
-        with_slices(&[&self.cos, &self.sin], "rope", |tables| {
-            self.rotate(x, shape, inverse, tables[0], tables[1])
+impl Tables {
+    /// The tables for `x` `[batch, len, heads, head_dim]`, or an error naming the mismatch.
+    pub(crate) fn of(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let (batch, len, _, dim) = x.dims4()?;
+        let per_row = match cos.dims() {
+            [l, d] if (*l, *d) == (len, dim) => false,
+            [b, l, d] if (*b, *l, *d) == (batch, len, dim) => true,
+            other => candle_core::bail!(
+                "rope: tables of shape {other:?} for input of shape {:?}",
+                x.dims()
+            ),
+        };
+        if sin.dims() != cos.dims() || dim % 2 != 0 {
+            candle_core::bail!(
+                "rope: sin {:?} and cos {:?} differ, or odd head_dim {dim}",
+                sin.dims(),
+                cos.dims()
+            );
+        }
+        Ok(Self {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            per_row,
         })
     }
 
-    fn rotate(
+    /// `x` `[batch, len, heads, head_dim]` (given by `shape`) rotated, or with `inverse`
+    /// rotated back (the transpose of the rotation, which is also its backward pass).
+    pub(crate) fn rotate(&self, x: &[f32], shape: &Shape, inverse: bool) -> Result<Vec<f32>> {
+        with_slices(&[&self.cos, &self.sin], "rope", |tables| {
+            let (batch, len, heads, dim) = shape.dims4()?;
+            Ok(self.rotate_with(x, (batch, len, heads, dim), inverse, tables[0], tables[1]))
+        })
+    }
+
+    fn rotate_with(
         &self,
         x: &[f32],
-        shape: &Shape,
+        (batch, len, heads, dim): (usize, usize, usize, usize),
         inverse: bool,
         cos: &[f32],
         sin: &[f32],
-    ) -> Result<Vec<f32>> {
-        let (batch, len, heads, dim) = shape.dims4()?;
+    ) -> Vec<f32> {
         let half = dim / 2;
-        let mut out = vec![0f32; x.len()];
         let row_len = heads * dim;
+        let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(row_len)
             .zip(x.par_chunks(row_len))
             .enumerate()
@@ -102,8 +114,12 @@ impl FusedRope {
                 })
             });
         debug_assert_eq!(out.len(), batch * len * row_len);
-        Ok(out)
+        out
     }
+}
+
+struct FusedRope {
+    tables: Tables,
 }
 
 impl CustomOp1 for FusedRope {
@@ -113,12 +129,14 @@ impl CustomOp1 for FusedRope {
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(x, layout, self.name())?;
-        let out = self.apply(x, layout.shape(), false)?;
+        let out = self.tables.rotate(x, layout.shape(), false)?;
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_slices(&[grad], self.name(), |s| self.apply(s[0], x.shape(), true))?;
+        let dx = with_slices(&[grad], self.name(), |s| {
+            self.tables.rotate(s[0], x.shape(), true)
+        })?;
         Ok(Some(tensor(dx, x.dims())?))
     }
 }

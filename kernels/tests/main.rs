@@ -121,9 +121,38 @@ fn attention_matches_reference() {
         let what = format!("attention {batch}x{len} heads {heads}/{kv_heads} dim {dim} window {window:?} softcap {softcap:?} packed {packed}");
         compare(
             &what,
-            &[q, k, v],
+            &[q.clone(), k.clone(), v.clone()],
             &|t| attention::causal_attention(&t[0], &t[1], &t[2], &mask, scores).unwrap(),
             &|t| attention::reference(&t[0], &t[1], &t[2], &mask, scores).unwrap(),
+            2e-5,
+        );
+        // The same attention rotating q and k itself, with a table per row when packed.
+        let table: &[usize] = if packed {
+            &[batch, len, dim]
+        } else {
+            &[len, dim]
+        };
+        let angles = random(&mut rng, table, 3.0);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        compare(
+            &format!("{what} with rope"),
+            &[q.clone(), k.clone(), v.clone()],
+            &|t| {
+                attention::causal_attention_with_rope(
+                    &t[0],
+                    &t[1],
+                    &t[2],
+                    (&cos, &sin),
+                    &mask,
+                    scores,
+                )
+                .unwrap()
+            },
+            &|t| {
+                let q = rope::reference(&t[0], &cos, &sin).unwrap();
+                let k = rope::reference(&t[1], &cos, &sin).unwrap();
+                attention::reference(&q, &k, &t[2], &mask, scores).unwrap()
+            },
             2e-5,
         );
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use axl_kernels::attention::{causal_attention, CausalMask, Scores};
+use axl_kernels::attention::{causal_attention, causal_attention_with_rope, CausalMask, Scores};
 use axl_kernels::glu::{gated, GateActivation};
 use axl_kernels::rope::rope;
 use axl_kernels::Precision;
@@ -788,21 +788,31 @@ impl CausalLm {
         if let Some(n) = &attn.k_norm {
             k = self.normed(n, &k)?;
         }
-        let (q, mut k) = match self.kernels.rope {
-            Implementation::Fused => (rope(&q, cos, sin)?, rope(&k, cos, sin)?),
-            Implementation::Reference => (
-                axl_kernels::rope::reference(&q, cos, sin)?,
-                axl_kernels::rope::reference(&k, cos, sin)?,
-            ),
-        };
-        if let Some((slot, past)) = cache {
-            (k, v) = LayerKv::append(slot, past, &k, &v)?;
-        }
         let scores = Scores {
             scale: c.attention_scale,
             softcap: c.attn_logit_softcapping,
         };
-        let out = causal_attention(&q, &k, &v, mask, scores)?.reshape((batch, len, heads * d))?;
+        let out = match (self.kernels.rope, cache) {
+            // Training and whole-sequence passes: the attention op rotates q and k itself and
+            // keeps no rotated copies for the backward pass.
+            (Implementation::Fused, None) => {
+                causal_attention_with_rope(&q, &k, &v, (cos, sin), mask, scores)?
+            }
+            (implementation, cache) => {
+                let (q, mut k) = match implementation {
+                    Implementation::Fused => (rope(&q, cos, sin)?, rope(&k, cos, sin)?),
+                    Implementation::Reference => (
+                        axl_kernels::rope::reference(&q, cos, sin)?,
+                        axl_kernels::rope::reference(&k, cos, sin)?,
+                    ),
+                };
+                if let Some((slot, past)) = cache {
+                    (k, v) = LayerKv::append(slot, past, &k, &v)?;
+                }
+                causal_attention(&q, &k, &v, mask, scores)?
+            }
+        }
+        .reshape((batch, len, heads * d))?;
         Ok(attn.o_proj.forward(&out, dropout, self.precision)?)
     }
 
