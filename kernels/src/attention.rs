@@ -129,17 +129,7 @@ pub fn causal_attention(
     if !crate::fused_applies(&[q, k, v]) {
         return reference(q, k, v, mask, scores);
     }
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        FusedAttention {
-            mask: mask.clone(),
-            scale: scores.scale as f32,
-            softcap: scores.softcap.map(|c| c as f32),
-            dims,
-            rotary: None,
-        },
-    )
+    fused(q, k, v, mask, scores, dims, None)
 }
 
 /// [`causal_attention`] of `q` and `k` rotated by [`rope`](crate::rope::rope) with the tables
@@ -162,17 +152,28 @@ pub fn causal_attention_with_rope(
         let (q, k) = (rope::reference(q, cos, sin)?, rope::reference(k, cos, sin)?);
         return reference(&q, &k, v, mask, scores);
     }
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        FusedAttention {
-            mask: mask.clone(),
-            scale: scores.scale as f32,
-            softcap: scores.softcap.map(|c| c as f32),
-            dims,
-            rotary: Some(rotary),
-        },
-    )
+    fused(q, k, v, mask, scores, dims, Some(rotary))
+}
+
+/// The fused op on `q`, `k` and `v`, rotating q and k first by `rotary` if given.
+fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Arc<CausalMask>,
+    scores: Scores,
+    dims: Dims,
+    rotary: Option<Tables>,
+) -> Result<Tensor> {
+    let op = FusedAttention {
+        mask: mask.clone(),
+        scale: scores.scale as f32,
+        softcap: scores.softcap.map(|c| c as f32),
+        dims,
+        rotary,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// The same attention composed of differentiable candle primitives.
