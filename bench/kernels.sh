@@ -53,16 +53,17 @@ for (kind, name), runs in rows.items():
     mib = max(r["loss_path_mib"] for r in runs)
     s = statistics.median(r["step_s"] for r in runs)
     print(f"{name:46} {mib:7.0f} {base_mib / max(mib, 1):9.1f}x {s:8.2f} {base_s / s:9.2f}x")
-print("\ntraining step (smol LoRA r=16, seq 2048)    tokens/s   vs default   peak MiB   vs default")
+print("\ntraining step (smol LoRA r=16, seq 2048)    tokens/s   vs default   peak MiB   vs default   vs no kernels")
 for gc in ("", " +gc"):
     ref = rows[("step", "default" + gc)]
     ref_tps = statistics.median(r["tokens_per_s"] for r in ref)
     ref_mib = max(r["peak_rss_mib"] for r in ref)
+    none_mib = max(r["peak_rss_mib"] for r in rows[("step", "reference" + gc)])
     for (kind, name), runs in rows.items():
         if kind != "step" or not name.endswith(gc) or (not gc and name.endswith(" +gc")):
             continue
         tps = statistics.median(r["tokens_per_s"] for r in runs)
         mib = max(r["peak_rss_mib"] for r in runs)
         label = {"reference": "reference ops", "default": "default (no plugin)"}.get(name.replace(" +gc", ""), name.replace(" +gc", ""))
-        print(f"{label + gc:42} {tps:8.1f} {tps / ref_tps:11.2f}x {mib:10.0f} {1 - mib / ref_mib:10.0%} less")
+        print(f"{label + gc:42} {tps:8.1f} {tps / ref_tps:11.2f}x {mib:10.0f} {1 - mib / ref_mib:10.0%} less {1 - mib / none_mib:10.0%} less")
 PY
