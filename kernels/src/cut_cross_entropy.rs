@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32, par_matmul_in, tensor, with_slices, Mat};
-use crate::token_loss::{CountedRows, LossOptions, RowStats};
+use crate::cpu::{par_matmul_in, tensor, with_slices, Mat};
+use crate::token_loss::{CountedRows, HeadInputs, LossOptions, RowStats};
 use crate::{vectorized, Precision};
 
 /// Columns of a tile that the gradient filter keeps or skips together.
@@ -163,15 +163,21 @@ impl CustomOp2 for CutCrossEntropy {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let hidden = contiguous_f32(hidden, hidden_layout, self.name())?;
-        let weight = contiguous_f32(weight, weight_layout, self.name())?;
-        let (rows, features) = crate::linear::rows_and_features(hidden_layout.shape())?;
-        let (vocab, _) = weight_layout.shape().dims2()?;
-        let counted = CountedRows::new(&self.targets, rows, vocab)?;
-        let packed = counted.packed(hidden, features);
-        let x: &[f32] = &packed;
-        let ops = Operands {
+        let HeadInputs {
+            features,
+            vocab,
+            counted,
             x,
+            weight,
+            ..
+        } = HeadInputs::of(
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            &self.targets,
+            self.name(),
+        )?;
+        let ops = Operands {
+            x: &x,
             weight,
             targets: &counted.targets,
             features,

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous_f32, par_matmul_in, tensor, Mat};
-use crate::token_loss::{CountedRows, LossOptions, RowStats};
+use crate::cpu::{par_matmul_in, tensor, Mat};
+use crate::token_loss::{HeadInputs, LossOptions, RowStats};
 use crate::{vectorized, Precision};
 
 /// The bytes of logits one chunk may hold.
@@ -92,13 +92,20 @@ impl CustomOp2 for FusedLinearCrossEntropy {
         weight: &CpuStorage,
         weight_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let hidden = contiguous_f32(hidden, hidden_layout, self.name())?;
-        let weight = contiguous_f32(weight, weight_layout, self.name())?;
-        let (rows, features) = crate::linear::rows_and_features(hidden_layout.shape())?;
-        let (vocab, _) = weight_layout.shape().dims2()?;
-        let counted = CountedRows::new(&self.targets, rows, vocab)?;
-        let packed = counted.packed(hidden, features);
-        let x: &[f32] = &packed;
+        let HeadInputs {
+            rows,
+            features,
+            vocab,
+            counted,
+            x,
+            weight,
+        } = HeadInputs::of(
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            &self.targets,
+            self.name(),
+        )?;
+        let x: &[f32] = &x;
         let n = counted.rows.len();
         let chunk = self.settings.rows_per_chunk(vocab).min(n.max(1));
         let precision = self.settings.precision;

@@ -12,9 +12,9 @@
 
 use std::borrow::Cow;
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor, D};
 
-use crate::cpu::{lane_max, lane_sum, sum_exp_shifted};
+use crate::cpu::{contiguous_f32, lane_max, lane_sum, sum_exp_shifted};
 
 /// The target id of a row that is not counted (transformers' `-100`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -234,6 +234,49 @@ impl CountedRows {
             full[r * width..(r + 1) * width].copy_from_slice(&packed[i * width..(i + 1) * width]);
         }
         full
+    }
+}
+
+/// A language-model head's inputs as the fused head losses read them: the weight
+/// `[vocab, features]`, and the hidden states' counted rows packed together.
+pub(crate) struct HeadInputs<'a> {
+    /// Rows of hidden states, counted or not.
+    pub rows: usize,
+    /// Features per row.
+    pub features: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// The counted rows and their targets.
+    pub counted: CountedRows,
+    /// The counted rows of the hidden states, `[counted, features]`.
+    pub x: Cow<'a, [f32]>,
+    /// The head's weight.
+    pub weight: &'a [f32],
+}
+
+impl<'a> HeadInputs<'a> {
+    /// The inputs of op `op`: `hidden` `[..., features]`, `weight` `[vocab, features]`, and a
+    /// target per row (checked against the vocabulary).
+    pub fn of(
+        (hidden, hidden_layout): (&'a CpuStorage, &Layout),
+        (weight, weight_layout): (&'a CpuStorage, &Layout),
+        targets: &[i64],
+        op: &str,
+    ) -> Result<Self> {
+        let hidden = contiguous_f32(hidden, hidden_layout, op)?;
+        let weight = contiguous_f32(weight, weight_layout, op)?;
+        let (rows, features) = crate::linear::rows_and_features(hidden_layout.shape())?;
+        let (vocab, _) = weight_layout.shape().dims2()?;
+        let counted = CountedRows::new(targets, rows, vocab)?;
+        let x = counted.packed(hidden, features);
+        Ok(Self {
+            rows,
+            features,
+            vocab,
+            counted,
+            x,
+            weight,
+        })
     }
 }
 
