@@ -135,29 +135,37 @@ pub(crate) unsafe fn matmul<K: Kernel>(
     let mut packed_b = Packed::<K::Unit>::new(cols_max.div_ceil(K::NR) * max_units * K::NR);
     let (packed_a, packed_b) = (SharedUnits(packed_a.ptr()), SharedUnits(packed_b.ptr()));
     let dst = SharedMut(dst);
+    // A's packed rows serve every chunk of columns of their block of k; only B's are packed
+    // again for each chunk of rows.
     for i0 in (0..m).step_by(CHUNK) {
         let rows = CHUNK.min(m - i0);
-        for j0 in (0..n).step_by(CHUNK) {
-            let cols = CHUNK.min(n - j0);
-            for k0 in (0..k).step_by(kc) {
-                let depth = kc.min(k - k0);
-                let units = depth.div_ceil(K::K_PER_UNIT);
-                // A's rows and B's columns are the lines the panels are made of.
-                let a_lines = Mat {
-                    ptr: a.ptr.offset(i0 as isize * a.rs + k0 as isize * a.cs),
-                    ..a
-                };
+        for k0 in (0..k).step_by(kc) {
+            let depth = kc.min(k - k0);
+            let units = depth.div_ceil(K::K_PER_UNIT);
+            let add = accumulate || k0 > 0;
+            // A's rows and B's columns are the lines the panels are made of.
+            let a_lines = Mat {
+                ptr: a.ptr.offset(i0 as isize * a.rs + k0 as isize * a.cs),
+                ..a
+            };
+            for j0 in (0..n).step_by(CHUNK) {
+                let cols = CHUNK.min(n - j0);
                 let b_lines = Mat {
                     ptr: b.ptr.offset(k0 as isize * b.rs + j0 as isize * b.cs),
                     ..b
                 }
                 .t();
-                rayon::join(
-                    || pack_in_parallel::<K>(a_lines, rows, depth, K::MR, packed_a),
-                    || pack_in_parallel::<K>(b_lines, cols, depth, K::NR, packed_b),
-                );
+                let pack_b = || pack_in_parallel::<K>(b_lines, cols, depth, K::NR, packed_b);
+                if j0 == 0 {
+                    // Both operands at once: small panels keep both threads busy together.
+                    rayon::join(
+                        || pack_in_parallel::<K>(a_lines, rows, depth, K::MR, packed_a),
+                        pack_b,
+                    );
+                } else {
+                    pack_b();
+                }
                 let dst = SharedMut(dst.at(i0 * dst_rs + j0));
-                let add = accumulate || k0 > 0;
                 multiply_block::<K>(
                     rows, cols, units, packed_a, packed_b, dst, dst_rs, scale, add,
                 );
@@ -349,6 +357,7 @@ mod tests {
             (9, 300, 700),
             (2100, 40, 20),
             (25, 2049, 33),
+            (3, 2050, 1100),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0)
