@@ -16,5 +16,6 @@ pub mod threads;
 
 // The first-party built-in plugins: linked in so that their registrations are found.
 use axl_plugin_cut_cross_entropy as _;
+use axl_plugin_grokfast as _;
 use axl_plugin_liger as _;
 pub mod train;

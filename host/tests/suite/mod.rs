@@ -9,6 +9,7 @@ pub mod data;
 mod examples;
 mod generation;
 mod hub_download;
+mod integrations;
 mod kernels;
 mod lora;
 mod packing;
