@@ -18,4 +18,5 @@ pub mod threads;
 use axl_plugin_cut_cross_entropy as _;
 use axl_plugin_grokfast as _;
 use axl_plugin_liger as _;
+use axl_plugin_spectrum as _;
 pub mod train;
