@@ -113,6 +113,7 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
             .collect(),
         input_ids: rows,
         layout: None,
+        examples: Vec::new(),
     }];
     let params = model.trainable_params();
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();

@@ -17,6 +17,7 @@ pub mod threads;
 // The first-party built-in plugins: linked in so that their registrations are found.
 use axl_plugin_cut_cross_entropy as _;
 use axl_plugin_grokfast as _;
+use axl_plugin_kd as _;
 use axl_plugin_liger as _;
 use axl_plugin_spectrum as _;
 pub mod train;

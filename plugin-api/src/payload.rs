@@ -25,8 +25,18 @@ pub struct RunContext {
     pub output_dir: String,
 }
 
+/// The `datasets:` entry a row comes from, as `format_example` sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatasetEntry {
+    /// Its `type:` (without an `axolotl.prompt_strategies.` prefix).
+    pub dataset_type: String,
+    /// The entry as configured (`path`, `type`, `field_messages`, the plugin's own keys ...).
+    #[serde(default)]
+    pub config: serde_json::Value,
+}
+
 /// What `format_example` makes of a row: text pieces, each trained or not.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Formatted {
     /// The pieces, concatenated in order to form the example's text.
     pub segments: Vec<Segment>,
@@ -36,6 +46,14 @@ pub struct Formatted {
     /// Append the tokenizer's EOS token (trained when the last segment is).
     #[serde(default = "yes")]
     pub append_eos: bool,
+    /// Format the row with this built-in dataset type instead (`chat_template`), with the
+    /// entry's own settings; `segments` and the two flags above are then unused.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// Values kept with the tokenized example and handed to `compute_loss`
+    /// ([`LossBatch::examples`]), such as a teacher's log-probabilities.
+    #[serde(default)]
+    pub fields: Row,
 }
 
 fn yes() -> bool {
@@ -64,6 +82,19 @@ impl Formatted {
                 .collect(),
             add_special_tokens: true,
             append_eos: true,
+            base: None,
+            fields: Row::new(),
+        }
+    }
+
+    /// The row formatted by the built-in dataset type `base`, with `fields` kept beside it.
+    pub fn built_in(base: &str, fields: Row) -> Self {
+        Self {
+            segments: Vec::new(),
+            add_special_tokens: true,
+            append_eos: true,
+            base: Some(base.to_string()),
+            fields,
         }
     }
 }
@@ -192,9 +223,23 @@ pub struct LossBatch {
     /// optimizer step, so that the loss does not depend on how the step is split into
     /// micro-batches. The gradient must be of the divided loss.
     pub normalizer: f64,
-    /// The batch's extra dataset fields, by column.
+    /// The examples in the batch: where each lies and the fields its `format_example` kept.
     #[serde(default)]
-    pub fields: serde_json::Map<String, serde_json::Value>,
+    pub examples: Vec<ExampleSpan>,
+}
+
+/// Where one example lies in a [`LossBatch`] (several share a row when packed).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExampleSpan {
+    /// The row.
+    pub row: usize,
+    /// Its first position in the row.
+    pub start: usize,
+    /// Its tokens.
+    pub len: usize,
+    /// What `format_example` kept with it ([`Formatted::fields`]); empty for other types.
+    #[serde(default)]
+    pub fields: Row,
 }
 
 /// Where the run is, for loop events.

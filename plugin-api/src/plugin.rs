@@ -4,9 +4,9 @@
 use crate::hooks::Hook;
 use crate::manifest::Manifest;
 use crate::payload::{
-    CommandCall, Control, Event, Formatted, GenerateRequest, KernelChoices, LogLevel, LossBatch,
-    ModelInfo, OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext,
-    Score, ScoreRequest, TrainablePolicy,
+    CommandCall, Control, DatasetEntry, Event, Formatted, GenerateRequest, KernelChoices, LogLevel,
+    LossBatch, ModelInfo, OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext,
+    ScheduleContext, Score, ScoreRequest, TrainablePolicy,
 };
 use crate::tensor::{Gradient, TensorView, TensorViewMut};
 
@@ -88,17 +88,18 @@ pub trait Plugin: Send {
         Ok(None)
     }
 
-    /// `format_example`: a row of a dataset whose `type:` the plugin provides, as text with
-    /// trainable pieces.
+    /// `format_example`: a row of `dataset`, whose `type:` the plugin provides, as text with
+    /// trainable pieces (or as a built-in type's rendering, with fields kept for the loss).
     fn format_example(
         &mut self,
-        dataset_type: &str,
+        dataset: &DatasetEntry,
         row: &Row,
         host: &mut dyn Host,
     ) -> Result<Formatted, PluginError> {
         let _ = (row, host);
         Err(PluginError::new(format!(
-            "does not format dataset type `{dataset_type}`"
+            "does not format dataset type `{}`",
+            dataset.dataset_type
         )))
     }
 

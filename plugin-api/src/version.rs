@@ -22,7 +22,7 @@ pub struct ApiVersion {
 /// The version of the API this crate defines.
 pub const API_VERSION: ApiVersion = ApiVersion {
     major: 0,
-    minor: 1,
+    minor: 2,
     patch: 0,
 };
 

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::hooks::Hook;
 use crate::manifest::Manifest;
 use crate::payload::{
-    CommandCall, Control, Event, Formatted, KernelChoices, LossBatch, ModelInfo, OptimizerContext,
-    OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext, TrainablePolicy,
+    CommandCall, Control, DatasetEntry, Event, Formatted, KernelChoices, LossBatch, ModelInfo,
+    OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext,
+    TrainablePolicy,
 };
 use crate::plugin::{Host, Plugin, PluginError};
 use crate::tensor::{Gradient, TensorView, TensorViewMut};
@@ -21,8 +22,8 @@ use crate::tensor::{Gradient, TensorView, TensorViewMut};
 /// The request of `format_example`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FormatRequest {
-    /// The dataset's `type:`.
-    pub dataset_type: String,
+    /// The dataset entry.
+    pub dataset: DatasetEntry,
     /// The row.
     pub row: Row,
 }
@@ -64,7 +65,7 @@ pub fn serve(
         }
         Hook::FormatExample => {
             let r: FormatRequest = decode(hook, "request", payload)?;
-            encode(&plugin.format_example(&r.dataset_type, &r.row, host)?)
+            encode(&plugin.format_example(&r.dataset, &r.row, host)?)
         }
         Hook::PreModelLoad => {
             let model: ModelInfo = decode(hook, "request", payload)?;
@@ -172,12 +173,12 @@ impl<C: Channel> Plugin for Remote<C> {
 
     fn format_example(
         &mut self,
-        dataset_type: &str,
+        dataset: &DatasetEntry,
         row: &Row,
         host: &mut dyn Host,
     ) -> Result<Formatted, PluginError> {
         let request = FormatRequest {
-            dataset_type: dataset_type.to_string(),
+            dataset: dataset.clone(),
             row: row.clone(),
         };
         self.ask(Hook::FormatExample, &request, host)

@@ -146,7 +146,7 @@ fn lib_rs(name: &str, template: Template) -> String {
     /// `{{question, answer}}` rows: the question is context, the answer is trained.
     fn format_example(
         &mut self,
-        _dataset_type: &str,
+        _dataset: &DatasetEntry,
         row: &Row,
         _host: &mut dyn Host,
     ) -> Result<Formatted, PluginError> {{

@@ -15,9 +15,9 @@ use super::pipeline::{DataSettings, DatasetReport};
 use crate::fsio;
 use crate::model::ops::IGNORE_INDEX;
 
-const MAGIC: &[u8; 8] = b"AXLDATA2";
+const MAGIC: &[u8; 8] = b"AXLDATA3";
 /// Bumped whenever formatting or tokenization changes what a row becomes.
-const FORMAT_VERSION: &str = "1";
+const FORMAT_VERSION: &str = "2";
 /// Files of a tokenizer directory that shape tokenization and templates.
 const TOKENIZER_FILES: [&str; 4] = [
     "tokenizer.json",
@@ -108,6 +108,9 @@ fn report_file(dir: &Path) -> PathBuf {
 /// How an example's labels are stored.
 const LABELS_FROM_MASK: u8 = 0;
 const LABELS_EXPLICIT: u8 = 1;
+/// Set on the label encoding when the example's plugin fields follow its labels (a `u32`
+/// length and JSON).
+const WITH_FIELDS: u8 = 0x80;
 
 fn encode_example(e: &Tokenized, out: &mut Vec<u8>) {
     out.extend_from_slice(&(e.len() as u32).to_le_bytes());
@@ -120,8 +123,9 @@ fn encode_example(e: &Tokenized, out: &mut Vec<u8>) {
         .iter()
         .zip(&e.labels)
         .all(|(id, l)| *l == IGNORE_INDEX || *l == *id as i64);
+    let with_fields = if e.fields.is_some() { WITH_FIELDS } else { 0 };
     if from_mask {
-        out.push(LABELS_FROM_MASK);
+        out.push(LABELS_FROM_MASK | with_fields);
         let mut bits = vec![0u8; e.len().div_ceil(8)];
         for (i, l) in e.labels.iter().enumerate() {
             if *l != IGNORE_INDEX {
@@ -130,10 +134,15 @@ fn encode_example(e: &Tokenized, out: &mut Vec<u8>) {
         }
         out.extend_from_slice(&bits);
     } else {
-        out.push(LABELS_EXPLICIT);
+        out.push(LABELS_EXPLICIT | with_fields);
         for label in &e.labels {
             out.extend_from_slice(&(*label as i32).to_le_bytes());
         }
+    }
+    if let Some(fields) = &e.fields {
+        let json = serde_json::to_vec(fields).expect("a JSON map serializes");
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
     }
 }
 
@@ -198,7 +207,8 @@ pub fn load(dir: &Path) -> Result<Option<Prepared>> {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        let labels = match take(1)?[0] {
+        let encoding = take(1)?[0];
+        let labels = match encoding & !WITH_FIELDS {
             LABELS_FROM_MASK => {
                 let bits = take(len.div_ceil(8))?;
                 input_ids
@@ -219,7 +229,17 @@ pub fn load(dir: &Path) -> Result<Option<Prepared>> {
                 .collect(),
             _ => return Err(corrupt("bad label encoding")),
         };
-        examples.push(Tokenized { input_ids, labels });
+        let fields = if encoding & WITH_FIELDS != 0 {
+            let n = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+            Some(serde_json::from_slice(take(n)?).map_err(|_| corrupt("bad example fields"))?)
+        } else {
+            None
+        };
+        examples.push(Tokenized {
+            input_ids,
+            labels,
+            fields,
+        });
     }
     Ok(Some(Prepared { examples, reports }))
 }

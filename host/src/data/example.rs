@@ -16,7 +16,7 @@ use crate::model::tokenizer::ModelTokenizer;
 use super::error::{DataError, Result};
 
 /// Text with trainable byte ranges.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TextExample {
     /// The full text.
     pub text: String,
@@ -32,6 +32,8 @@ pub struct TextExample {
     pub train_all: bool,
     /// Cut the tokens into consecutive pieces of `sequence_len` (`completion`).
     pub chunk: bool,
+    /// Values a plugin keeps with the example for its loss.
+    pub fields: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl TextExample {
@@ -50,7 +52,7 @@ impl TextExample {
 }
 
 /// What a strategy makes of one row.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Formatted {
     /// Text to tokenize.
     Text(TextExample),
@@ -70,6 +72,9 @@ pub struct Tokenized {
     pub input_ids: Vec<u32>,
     /// Labels: the id where trained, −100 elsewhere.
     pub labels: Vec<i64>,
+    /// Values a plugin kept with the example for its loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Tokenized {
@@ -178,7 +183,11 @@ pub fn tokenize(
                     labels.len()
                 )));
             }
-            return Ok(vec![Tokenized { input_ids, labels }]);
+            return Ok(vec![Tokenized {
+                input_ids,
+                labels,
+                fields: None,
+            }]);
         }
         Formatted::Text(t) => t,
     };
@@ -231,7 +240,11 @@ pub fn tokenize(
             });
         }
     }
-    let all = Tokenized { input_ids, labels };
+    let all = Tokenized {
+        input_ids,
+        labels,
+        fields: example.fields,
+    };
     if !example.chunk || sequence_len == 0 {
         return Ok(vec![all]);
     }
@@ -242,6 +255,7 @@ pub fn tokenize(
         .map(|(i, l)| Tokenized {
             input_ids: i.to_vec(),
             labels: l.to_vec(),
+            fields: all.fields.clone(),
         })
         .collect())
 }

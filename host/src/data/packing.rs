@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use super::example::Tokenized;
 use crate::model::ops::IGNORE_INDEX;
 use crate::model::PackedLayout;
+pub use axl_plugin_api::payload::ExampleSpan;
 
 /// Packs example lengths into bins of `capacity` tokens, first-fit-decreasing. Returns the
 /// example indices of each bin. Lengths above the capacity get a bin of their own.
@@ -34,6 +35,16 @@ pub fn packing_efficiency(lengths: &[usize], bins: &[Vec<usize>], capacity: usiz
     used as f64 / (bins.len().max(1) * capacity) as f64
 }
 
+/// Where `example` lies in a batch: `row`, from position `start`.
+fn span(example: &Tokenized, row: usize, start: usize) -> ExampleSpan {
+    ExampleSpan {
+        row,
+        start,
+        len: example.len(),
+        fields: example.fields.clone().unwrap_or_default(),
+    }
+}
+
 /// A batch ready for the model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
@@ -43,6 +54,8 @@ pub struct Batch {
     pub labels: Vec<Vec<i64>>,
     /// For packed rows: where each sequence lies.
     pub layout: Option<PackedLayout>,
+    /// Where each example lies, with the fields a plugin kept with it.
+    pub examples: Vec<ExampleSpan>,
 }
 
 impl Batch {
@@ -55,8 +68,10 @@ impl Batch {
             input_ids: Vec::new(),
             labels: Vec::new(),
             layout: None,
+            examples: Vec::new(),
         };
-        for e in examples {
+        for (row, e) in examples.iter().enumerate() {
+            batch.examples.push(span(e, row, 0));
             let mut ids = e.input_ids.clone();
             let mut labels = e.labels.clone();
             ids.resize(width, pad_id);
@@ -74,8 +89,10 @@ impl Batch {
         let mut ids = Vec::new();
         let mut labels = Vec::new();
         let mut lengths = Vec::new();
+        let mut spans = Vec::new();
         for e in examples {
             let start = labels.len();
+            spans.push(span(e, 0, start));
             ids.extend_from_slice(&e.input_ids);
             labels.extend_from_slice(&e.labels);
             if start > 0 && !e.labels.is_empty() {
@@ -92,6 +109,7 @@ impl Batch {
             input_ids: vec![ids],
             labels: vec![labels],
             layout: Some(PackedLayout::from_lengths(&[lengths])),
+            examples: spans,
         }
     }
 

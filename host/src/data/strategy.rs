@@ -9,17 +9,18 @@ use super::example::{Formatted, TextExample};
 use super::instruct::{kind_of, text_of, InstructStrategy};
 use super::source::Row;
 use crate::model::tokenizer::ModelTokenizer;
+pub use axl_plugin_api::payload::{DatasetEntry, Formatted as PluginFormatted};
 
 /// Dataset types that plugins provide (`format_example`), formatted row by row.
 pub trait PluginFormat: Send + Sync {
     /// Whether a plugin provides `dataset_type`.
     fn provides(&self, dataset_type: &str) -> bool;
-    /// The row as text with trainable pieces; the error names the plugin.
+    /// The plugin's answer for a row of `dataset`; the error names the plugin.
     fn format(
         &self,
-        dataset_type: &str,
+        dataset: &DatasetEntry,
         row: &serde_json::Map<String, Value>,
-    ) -> std::result::Result<TextExample, String>;
+    ) -> std::result::Result<PluginFormatted, String>;
 }
 
 /// The plugins' dataset types, shared by the threads that format rows.
@@ -74,12 +75,18 @@ pub enum Strategy {
     Chat(Box<ChatStrategy>),
     /// A dataset type a plugin provides.
     Plugin {
-        /// The `type:`.
-        dataset_type: String,
+        /// The entry, as the plugin sees it.
+        dataset: DatasetEntry,
         /// The plugins.
         plugins: PluginFormats,
+        /// The chat-template rendering of this entry, for a plugin that builds on it (the
+        /// error only matters if one does).
+        chat: std::result::Result<Box<ChatStrategy>, DataError>,
     },
 }
+
+/// The built-in types a plugin's `format_example` may build on ([`PluginFormatted::base`]).
+const PLUGIN_BASES: &[&str] = &["chat_template"];
 
 /// The type names axl implements, for error messages.
 pub const KNOWN_TYPES: &[&str] = &[
@@ -151,8 +158,12 @@ impl Strategy {
         }
         if let Some(plugins) = ctx.plugins.filter(|p| p.0.provides(name)) {
             return Ok(Self::Plugin {
-                dataset_type: name.to_string(),
+                dataset: DatasetEntry {
+                    dataset_type: name.to_string(),
+                    config: serde_json::to_value(ds).unwrap_or_default(),
+                },
                 plugins: plugins.clone(),
+                chat: ChatStrategy::new(ds, ctx).map(Box::new),
             });
         }
         if let Some(made) =
@@ -175,13 +186,47 @@ impl Strategy {
         match self {
             Self::Instruct(s) => s.format(row).map(|f| vec![f]),
             Self::Plugin {
-                dataset_type,
+                dataset,
                 plugins,
-            } => plugins
-                .0
-                .format(dataset_type, &row.fields)
-                .map(|example| vec![Formatted::Text(example)])
-                .map_err(|message| row.error(message)),
+                chat,
+            } => {
+                let answer = plugins
+                    .0
+                    .format(dataset, &row.fields)
+                    .map_err(|message| row.error(message))?;
+                let fields = (!answer.fields.is_empty()).then(|| answer.fields.clone());
+                let mut example = match answer.base.as_deref() {
+                    None => {
+                        let pieces: Vec<(&str, bool)> = answer
+                            .segments
+                            .iter()
+                            .map(|s| (s.text.as_str(), s.train))
+                            .collect();
+                        let mut example = TextExample::from_pieces(&pieces);
+                        example.add_special_tokens = answer.add_special_tokens;
+                        example.append_eos = Some(answer.append_eos);
+                        example
+                    }
+                    Some("chat_template") => match chat {
+                        Ok(chat) => match chat.format(row)? {
+                            Formatted::Text(example) => example,
+                            Formatted::Tokens { .. } => {
+                                return Err(row.error("a chat template made tokens, not text"))
+                            }
+                        },
+                        Err(e) => return Err(e.clone()),
+                    },
+                    Some(other) => {
+                        return Err(row.error(format!(
+                            "the plugin for `{}` builds on `{other}`, which is not a built-in type a plugin can build on ({})",
+                            dataset.dataset_type,
+                            PLUGIN_BASES.join(", ")
+                        )))
+                    }
+                };
+                example.fields = fields;
+                Ok(vec![Formatted::Text(example)])
+            }
             Self::Completion { field } => {
                 let text = match row.fields.get(field) {
                     Some(v) => text_of(row, field, v)?,

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use axl_plugin_api::hooks::{self, Combine, CombineError, Contribution};
 use axl_plugin_api::payload::{
-    CommandCall, Control, Event, Formatted, KernelChoices, LossBatch, ModelInfo, OptimizerContext,
-    OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext,
+    CommandCall, Control, DatasetEntry, Event, Formatted, KernelChoices, LossBatch, ModelInfo,
+    OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext, ScheduleContext,
 };
 use axl_plugin_api::registry::{builtins, BuiltinPlugin};
 use axl_plugin_api::wire::Remote;
@@ -382,23 +382,23 @@ impl PluginManager {
             .position(|p| p.manifest.hooks.contains(&hook) && what(&p.manifest))
     }
 
-    /// `format_example`: the row formatted by the plugin that provides `dataset_type`.
+    /// `format_example`: the row formatted by the plugin that provides the dataset's type.
     pub fn format_example(
         &mut self,
-        dataset_type: &str,
+        dataset: &DatasetEntry,
         row: &Row,
         services: &mut Services<'_>,
     ) -> Result<Formatted, PluginFailure> {
         let Some(i) = self.provider_index(Hook::FormatExample, |m| {
-            m.provides.strategies.iter().any(|s| s == dataset_type)
+            m.provides.strategies.contains(&dataset.dataset_type)
         }) else {
             return Err(PluginFailure::NoProvider {
                 what: "dataset type",
-                name: dataset_type.to_string(),
+                name: dataset.dataset_type.clone(),
             });
         };
         self.call_one(i, Hook::FormatExample, services, |p, h| {
-            p.format_example(dataset_type, row, h)
+            p.format_example(dataset, row, h)
         })
     }
 
@@ -614,26 +614,13 @@ impl crate::data::strategy::PluginFormat for StrategyPlugins {
             .is_ok_and(|m| m.strategy_provider(dataset_type).is_some())
     }
 
-    fn format(
-        &self,
-        dataset_type: &str,
-        row: &Row,
-    ) -> Result<crate::data::example::TextExample, String> {
+    fn format(&self, dataset: &DatasetEntry, row: &Row) -> Result<Formatted, String> {
         let mut manager = self
             .0
             .lock()
             .map_err(|_| "a plugin failed while formatting another row".to_string())?;
-        let formatted = manager
-            .format_example(dataset_type, row, &mut Services::default())
-            .map_err(|e| e.to_string())?;
-        let pieces: Vec<(&str, bool)> = formatted
-            .segments
-            .iter()
-            .map(|s| (s.text.as_str(), s.train))
-            .collect();
-        let mut example = crate::data::example::TextExample::from_pieces(&pieces);
-        example.add_special_tokens = formatted.add_special_tokens;
-        example.append_eos = Some(formatted.append_eos);
-        Ok(example)
+        manager
+            .format_example(dataset, row, &mut Services::default())
+            .map_err(|e| e.to_string())
     }
 }

@@ -72,7 +72,7 @@ fn loss_batch(batch: &Batch, trained_tokens: usize) -> LossBatch {
         rows: batch.input_ids.len(),
         len: batch.input_ids.first().map_or(0, Vec::len),
         normalizer: trained_tokens as f64,
-        fields: Default::default(),
+        examples: batch.examples.clone(),
     }
 }
 

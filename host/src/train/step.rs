@@ -244,11 +244,29 @@ pub fn apply(
     Ok(())
 }
 
-/// Evaluation loss over `batches`: the mean per trained token, and the token count.
-pub fn evaluate(model: &CausalLm, batches: &[Batch]) -> Result<(f64, usize)> {
+/// Evaluation loss over `batches`: the mean per trained token, and the token count. With
+/// `hook`, a `compute_loss` plugin's loss (each micro-batch normalized by its own trained
+/// tokens, then weighted back by them) instead of the built-in one.
+pub fn evaluate(
+    model: &CausalLm,
+    batches: &[Batch],
+    mut hook: Option<&mut LossHook<'_>>,
+) -> Result<(f64, usize)> {
     let mut sum = 0f64;
     let mut count = 0usize;
     for batch in batches {
+        if let Some(hook) = hook.as_deref_mut() {
+            let trained = trained_positions(batch);
+            if trained == 0 {
+                continue;
+            }
+            let (logits, _) = batch_logits(model, batch)?;
+            if let Some((loss, _)) = hook(&logits.detach(), batch, trained)? {
+                sum += loss * trained as f64;
+                count += trained;
+                continue;
+            }
+        }
         let (s, c) = batch_loss(model, batch, true)?;
         sum += s.detach().to_scalar::<f32>()? as f64;
         count += c;

@@ -152,3 +152,145 @@ fn spectrum_trains_the_highest_snr_half_of_each_layer_type() {
         stderr(&again)
     );
 }
+
+/// A directory with a chat dataset whose rows carry a teacher's top-3 log-probabilities in
+/// vLLM's form (for the last 12 positions of each example), and a config that lists `kd`
+/// with `extra` appended.
+fn kd_config(dir: &std::path::Path, name: &str, extra: &str) -> std::path::PathBuf {
+    use std::fmt::Write as _;
+    let words = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "fish"];
+    let mut rows = String::new();
+    for i in 0..30usize {
+        let text = |n: usize, salt: usize| {
+            (0..n)
+                .map(|j| words[(i * 5 + j * 3 + salt) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let teacher: Vec<Value> = (0..12usize)
+            .map(|p| {
+                let entries: Vec<Value> = (0..3usize)
+                    .map(|k| {
+                        let id = 40 + (i * 17 + p * 7 + k * 29) % 250;
+                        serde_json::json!({"token": format!("token_id:{id}"), "logprob": -0.3 - 1.1 * k as f64})
+                    })
+                    .collect();
+                Value::Array(entries)
+            })
+            .collect();
+        let row = serde_json::json!({
+            "messages": [
+                {"role": "user", "content": text(3, 1)},
+                {"role": "assistant", "content": text(5 + i % 3, 2)},
+            ],
+            "teacher": teacher,
+        });
+        writeln!(rows, "{row}").unwrap();
+    }
+    let run_dir = dir.join(name);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(run_dir.join("kd.jsonl"), rows).unwrap();
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let config = run_dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "base_model: {}\nchat_template: chatml\nplugins:\n  - axolotl.integrations.kd.KDPlugin\ndatasets:\n  - path: {}\n    type: axolotl.integrations.kd.chat_template\n    logprobs_field: teacher\n    temperature: 1.0\nsequence_len: 128\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\nlearning_rate: 0.001\nlogging_steps: 1\nval_set_size: 0.2\neval_steps: 2\nmax_steps: 4\nseed: 7\noutput_dir: {}\ndataset_prepared_path: {}\n{extra}",
+            model.display(),
+            run_dir.join("kd.jsonl").display(),
+            run_dir.join("out").display(),
+            run_dir.join("prepared").display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn run_axl(command: &str, config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args([command, config.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+fn eval_losses(output_dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(output_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v.get("eval_loss").and_then(Value::as_f64))
+        .collect()
+}
+
+/// `plugins: [kd]` with `kd_trainer`: packed training and evaluation both go through the
+/// plugin's loss; with `kd_alpha: 0, kd_ce_alpha: 1` it is exactly the host's cross-entropy
+/// (same normalization, same shift), in training and in evaluation; with the teacher it
+/// differs, and the evaluation loss is on the training loss's scale (Axolotl's issue 3270 was
+/// an evaluation loss 1000× too large); LoRA trains through it too.
+#[test]
+fn kd_distils_in_training_and_evaluation_with_packing_and_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let packed = "sample_packing: true\neval_sample_packing: true\n";
+    let plain = kd_config(dir.path(), "plain", packed);
+    let out = run_axl("train", &plain);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ce_only = kd_config(
+        dir.path(),
+        "ce_only",
+        &format!("{packed}kd_trainer: true\nkd_alpha: 0\nkd_ce_alpha: 1\n"),
+    );
+    let out = run_axl("train", &ce_only);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("[kd] info: distilling: kd_alpha 0"),
+        "{}",
+        stderr(&out)
+    );
+    let (plain_dir, ce_dir) = (dir.path().join("plain/out"), dir.path().join("ce_only/out"));
+    for (a, b) in logged_steps(&plain_dir).iter().zip(logged_steps(&ce_dir)) {
+        let (a, b) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (a - b).abs() < 1e-4 * a,
+            "host {a} vs kd's cross-entropy {b}"
+        );
+    }
+    let (plain_eval, ce_eval) = (eval_losses(&plain_dir), eval_losses(&ce_dir));
+    assert_eq!(plain_eval.len(), 2);
+    for (a, b) in plain_eval.iter().zip(&ce_eval) {
+        assert!((a - b).abs() < 1e-4 * a, "host eval {a} vs kd's {b}");
+    }
+
+    let distil = kd_config(
+        dir.path(),
+        "distil",
+        &format!("{packed}kd_trainer: true\nkd_alpha: 0.9\nkd_ce_alpha: 0.1\nkd_temperature: 2.0\nkd_beta: 0.5\n"),
+    );
+    let out = run_axl("train", &distil);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let distil_dir = dir.path().join("distil/out");
+    let losses: Vec<f64> = logged_steps(&distil_dir)
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!((losses[0] - logged_steps(&plain_dir)[0]["loss"].as_f64().unwrap()).abs() > 1e-3);
+    for eval in eval_losses(&distil_dir) {
+        assert!(
+            eval.is_finite() && eval < 3.0 * losses[0] && eval > losses[0] / 3.0,
+            "eval {eval} vs train {losses:?}"
+        );
+    }
+
+    let lora = kd_config(
+        dir.path(),
+        "lora",
+        "kd_trainer: true\nkd_alpha: 0.9\nkd_ce_alpha: 0.1\nadapter: lora\nlora_r: 4\nlora_target_linear: true\n",
+    );
+    let out = run_axl("train", &lora);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(dir
+        .path()
+        .join("lora/out/adapter_model.safetensors")
+        .is_file());
+}

@@ -44,6 +44,7 @@ fn examples() -> Vec<Tokenized> {
             Tokenized {
                 input_ids: ids,
                 labels,
+                fields: None,
             }
         })
         .collect()

@@ -317,7 +317,9 @@ fn hooks_run_in_list_order_and_conflicts_name_both_plugins() {
     };
     assert!(errors[0].to_string().contains("list each plugin once"));
     let errors = match PluginManager::load(
-        &[builtin("axolotl.integrations.kd.KDPlugin")],
+        &[builtin(
+            "axolotl.integrations.llm_compressor.LLMCompressorPlugin",
+        )],
         dir.path(),
         dir.path(),
     ) {
@@ -325,7 +327,9 @@ fn hooks_run_in_list_order_and_conflicts_name_both_plugins() {
         Err(errors) => errors,
     };
     assert!(
-        errors[0].to_string().contains("Axolotl's `kd` integration"),
+        errors[0]
+            .to_string()
+            .contains("Axolotl's `llm_compressor` integration"),
         "{}",
         errors[0]
     );
@@ -614,7 +618,7 @@ fn a_scaffolded_plugin_builds_offline_and_trains() {
 }
 
 /// A native plugin built against another API version is refused with both versions and
-/// how to rebuild: the fixture is built against a copy of the API crate bumped to 0.2.0.
+/// how to rebuild: the fixture is built against a copy of the API crate bumped to 0.3.0.
 #[test]
 fn a_plugin_built_against_another_api_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -637,15 +641,15 @@ fn a_plugin_built_against_another_api_version_is_refused() {
     let api = dir.path().join("plugin-api");
     bump(
         &api.join("Cargo.toml"),
-        "version = \"0.1.0\"",
         "version = \"0.2.0\"",
+        "version = \"0.3.0\"",
     );
-    bump(&api.join("src/version.rs"), "minor: 1,", "minor: 2,");
+    bump(&api.join("src/version.rs"), "minor: 2,", "minor: 3,");
     let sdk = dir.path().join("sdk");
     bump(
         &sdk.join("Cargo.toml"),
-        "version = \"0.1.0\" }",
         "version = \"0.2.0\" }",
+        "version = \"0.3.0\" }",
     );
     let plugin = dir.path().join("old_api");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
@@ -684,14 +688,14 @@ fn a_plugin_built_against_another_api_version_is_refused() {
     ));
     let specs = [spec(Source::Native(library), Sandbox::default())];
     let errors = match PluginManager::load(&specs, dir.path(), dir.path()) {
-        Ok(_) => panic!("a plugin of API 0.2.0 loaded"),
+        Ok(_) => panic!("a plugin of API 0.3.0 loaded"),
         Err(errors) => errors,
     };
     let message = errors[0].to_string();
     assert!(
-        message.contains("built against plugin API 0.2.0")
-            && message.contains("this axl implements 0.1.0")
-            && message.contains("rebuild the plugin against axl-sdk 0.1.0"),
+        message.contains("built against plugin API 0.3.0")
+            && message.contains("this axl implements 0.2.0")
+            && message.contains("rebuild the plugin against axl-sdk 0.2.0"),
         "{message}"
     );
 }

@@ -141,7 +141,11 @@ pub(super) fn examples(count: usize, seed: u64) -> Vec<axl::data::example::Token
                 .enumerate()
                 .map(|(i, id)| if i < prompt { -100 } else { *id as i64 })
                 .collect();
-            axl::data::example::Tokenized { input_ids, labels }
+            axl::data::example::Tokenized {
+                input_ids,
+                labels,
+                fields: None,
+            }
         })
         .collect()
 }

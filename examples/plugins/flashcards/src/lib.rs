@@ -29,7 +29,7 @@ impl Plugin for Flashcards {
 
     fn format_example(
         &mut self,
-        _dataset_type: &str,
+        _dataset: &DatasetEntry,
         row: &Row,
         _host: &mut dyn Host,
     ) -> Result<Formatted, PluginError> {
