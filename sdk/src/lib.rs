@@ -39,7 +39,7 @@ pub mod wasm;
 
 /// The names a plugin usually needs.
 pub mod prelude {
-    pub use crate::manifest;
+    pub use crate::{config_schema, manifest};
     pub use axl_plugin_api::payload::*;
     pub use axl_plugin_api::{
         Gradient, Hook, Host, Manifest, Plugin, PluginError, Provides, Tensor, TensorView,
@@ -59,6 +59,15 @@ pub fn manifest(name: &str, version: &str, hooks: &[Hook]) -> Manifest {
         hooks: hooks.to_vec(),
         config_schema: Default::default(),
         provides: Provides::default(),
+    }
+}
+
+/// A [`Manifest::config_schema`] from a JSON object of key → schema
+/// (`json!({"my_key": {"type": "integer"}})`); anything but an object gives no keys.
+pub fn config_schema(properties: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match properties {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
     }
 }
 

@@ -51,10 +51,7 @@ fn schema() -> serde_json::Map<String, serde_json::Value> {
             "description": "how much of the moving average is added to each gradient"
         },
     });
-    match schema {
-        serde_json::Value::Object(map) => map,
-        _ => unreachable!("the schema is an object"),
-    }
+    config_schema(schema)
 }
 
 impl GrokfastPlugin {

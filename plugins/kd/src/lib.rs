@@ -73,10 +73,7 @@ fn schema() -> serde_json::Map<String, serde_json::Value> {
             "description": "re-normalize the student's probabilities over the teacher's top-k ids"
         },
     });
-    match schema {
-        serde_json::Value::Object(map) => map,
-        _ => unreachable!("the schema is an object"),
-    }
+    config_schema(schema)
 }
 
 impl Plugin for KdPlugin {

@@ -216,10 +216,7 @@ fn schema() -> serde_json::Map<String, serde_json::Value> {
         "liger_fused_linear_cross_entropy": boolean("lm_head and cross-entropy fused: the logits never exist whole"),
         "liger_use_token_scaling": boolean("scale each token's loss by its detached target probability (needs liger_fused_linear_cross_entropy)"),
     });
-    match schema {
-        serde_json::Value::Object(map) => map,
-        _ => unreachable!("the schema is an object"),
-    }
+    config_schema(schema)
 }
 
 impl Plugin for LigerPlugin {

@@ -59,10 +59,7 @@ fn schema() -> serde_json::Map<String, serde_json::Value> {
             "description": "the model whose SNR file is used (default: base_model)"
         },
     });
-    match schema {
-        serde_json::Value::Object(map) => map,
-        _ => unreachable!("the schema is an object"),
-    }
+    config_schema(schema)
 }
 
 /// The model name as Axolotl and Spectrum put it in file names: `/` and `_` become `-`. A
