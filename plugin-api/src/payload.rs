@@ -321,6 +321,13 @@ pub struct ScoreRequest {
     pub context: String,
     /// The text scored.
     pub continuation: String,
+    /// The context as token ids, used instead of tokenizing `context` (which adds the
+    /// tokenizer's special tokens) when given with `continuation_ids`.
+    #[serde(default)]
+    pub context_ids: Option<Vec<u32>>,
+    /// The continuation as token ids (see `context_ids`).
+    #[serde(default)]
+    pub continuation_ids: Option<Vec<u32>>,
 }
 
 /// The answer to a [`ScoreRequest`].
@@ -345,4 +352,8 @@ pub struct GenerateRequest {
     /// Generation ends before the first of these strings.
     #[serde(default)]
     pub stop: Vec<String>,
+    /// The prompt as token ids, used instead of tokenizing `prompt` (which adds the
+    /// tokenizer's special tokens).
+    #[serde(default)]
+    pub prompt_ids: Option<Vec<u32>>,
 }

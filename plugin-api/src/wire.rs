@@ -303,6 +303,11 @@ pub enum HostCall {
         /// What to generate.
         request: crate::payload::GenerateRequest,
     },
+    /// [`Host::use_model`].
+    UseModel {
+        /// The model.
+        model: String,
+    },
 }
 
 /// Runs a JSON [`HostCall`] against `host` and returns the JSON answer.
@@ -316,6 +321,7 @@ pub fn serve_host(host: &mut dyn Host, call: &str) -> Result<String, PluginError
         HostCall::Detokenize { ids } => encode(&host.detokenize(&ids)?),
         HostCall::Score { requests } => encode(&host.score(&requests)?),
         HostCall::Generate { request } => encode(&host.generate(&request)?),
+        HostCall::UseModel { model } => encode(&host.use_model(&model)?),
     }
 }
 
@@ -384,6 +390,12 @@ impl<C: HostChannel> Host for RemoteHost<C> {
     ) -> Result<String, PluginError> {
         self.ask(&HostCall::Generate {
             request: request.clone(),
+        })
+    }
+
+    fn use_model(&mut self, model: &str) -> Result<(), PluginError> {
+        self.ask(&HostCall::UseModel {
+            model: model.to_string(),
         })
     }
 }

@@ -8,8 +8,15 @@ use axl_plugin_api::payload::CommandCall;
 use axl_plugin_api::API_VERSION;
 use serde_json::{json, Value};
 
+use crate::config::LoadedConfig;
+use crate::model::resolve::HubSettings;
+use crate::model::tokenizer::ModelTokenizer;
+use crate::model::{lora, CausalLm, LoadOptions};
+use crate::plugins::services::{LoadedModel, ModelServices};
 use crate::plugins::spec::{parse_entry, Source};
 use crate::plugins::{PluginManager, Services};
+use crate::setup::{self, ModelOverrides};
+use axl_plugin_api::payload::{GenerateRequest, Score, ScoreRequest};
 
 /// `axl plugin check FILE`: what the plugin says of itself, and whether this axl loads it.
 pub fn check(file: &Path) -> anyhow::Result<()> {
@@ -133,7 +140,7 @@ pub fn external(args: &[String]) -> anyhow::Result<()> {
     let Some(config) = rest.first() else {
         bail!("unknown command `{name}` (a plugin's command takes the config file first: axl {name} config.yml ...)");
     };
-    let (_, mut manager) = super::plugins::load_config(Path::new(config), &[], name)?;
+    let (cfg, mut manager) = super::plugins::load_config(Path::new(config), &[], name)?;
     if !manager.commands().iter().any(|(c, _)| c == name) {
         bail!("unknown command `{name}`: neither axl nor the plugins of {config} provide it");
     }
@@ -141,8 +148,96 @@ pub fn external(args: &[String]) -> anyhow::Result<()> {
         name: name.clone(),
         args: rest.to_vec(),
     };
+    let model = CommandModel::new(&cfg);
+    let mut services = Services::default();
+    services.model = Some(&model);
     manager
-        .run_command(&call, &mut Services::default())
+        .run_command(&call, &mut services)
         .with_context(|| format!("axl {name}"))?;
     Ok(())
+}
+
+/// The model a plugin's command reaches through the host services, loaded on first use: the
+/// model the plugin chose (`use_model`), else the run's trained model (the full weights
+/// `axl train` wrote to `output_dir`, or the base model with the adapter there or in
+/// `lora_model_dir`), else the base model.
+struct CommandModel<'c> {
+    cfg: &'c LoadedConfig,
+    choice: std::cell::RefCell<Option<String>>,
+    loaded: std::cell::OnceCell<Result<(CausalLm, ModelTokenizer), String>>,
+}
+
+impl<'c> CommandModel<'c> {
+    fn new(cfg: &'c LoadedConfig) -> Self {
+        Self {
+            cfg,
+            choice: Default::default(),
+            loaded: Default::default(),
+        }
+    }
+
+    fn load(&self) -> anyhow::Result<(CausalLm, ModelTokenizer)> {
+        let cfg = self.cfg;
+        let hub = HubSettings::from_env();
+        let output_dir = cfg.output_dir();
+        let full_model =
+            output_dir.join("config.json").is_file() && !setup::is_adapter_dir(&output_dir);
+        let mut overrides = ModelOverrides::default();
+        if let Some(choice) = self.choice.borrow().clone() {
+            overrides.base_model = Some(choice);
+        } else if full_model {
+            overrides.base_model = Some(output_dir.display().to_string());
+        }
+        let sources = setup::model_sources(cfg, &overrides, &hub)?;
+        let tokenizer = setup::load_configured_tokenizer(cfg, &sources)?;
+        let mut model = setup::load_base(&sources, &LoadOptions::default())?;
+        if overrides.base_model.is_none() {
+            if let Some(dir) = setup::trained_adapter_dir(cfg, &overrides) {
+                if setup::is_adapter_dir(&dir) {
+                    lora::load_adapter(&mut model, &dir, false)
+                        .with_context(|| format!("loading the adapter of {}", dir.display()))?;
+                }
+            }
+        }
+        eprintln!("model: {}", sources.base_model);
+        Ok((model, tokenizer))
+    }
+
+    fn get(&self) -> Result<LoadedModel<'_>, String> {
+        let loaded = self
+            .loaded
+            .get_or_init(|| self.load().map_err(|e| format!("{e:#}")));
+        match loaded {
+            Ok((model, tokenizer)) => Ok(LoadedModel { model, tokenizer }),
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+impl ModelServices for CommandModel<'_> {
+    fn parameter(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
+        self.get()?.parameter(name)
+    }
+
+    fn score(&self, requests: &[ScoreRequest]) -> Result<Vec<Score>, String> {
+        self.get()?.score(requests)
+    }
+
+    fn generate(&self, request: &GenerateRequest) -> Result<String, String> {
+        self.get()?.generate(request)
+    }
+
+    fn tokenizer(&self) -> Option<&ModelTokenizer> {
+        self.get().ok().map(|l| l.tokenizer)
+    }
+
+    fn choose(&self, model: &str) -> Result<(), String> {
+        if self.loaded.get().is_some() && self.choice.borrow().as_deref() != Some(model) {
+            return Err(format!(
+                "cannot switch to `{model}`: the command already used another model"
+            ));
+        }
+        *self.choice.borrow_mut() = Some(model.to_string());
+        Ok(())
+    }
 }

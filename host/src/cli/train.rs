@@ -240,6 +240,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         };
         done.metrics
             .extend(report.steps.last().map(|s| ("loss".to_string(), s.loss)));
+        // Plugins that score or generate after training see the model as inference does.
+        model.set_dropout(None);
         crate::train::hooks::LoopHooks::event(&mut hooks, &model, &done)?;
     }
     if let Some(checkpoint) = &report.interrupted {

@@ -14,6 +14,16 @@ pub trait ModelServices {
     fn score(&self, requests: &[ScoreRequest]) -> Result<Vec<Score>, String>;
     /// Generated text.
     fn generate(&self, request: &GenerateRequest) -> Result<String, String>;
+    /// The model's tokenizer, where the services hold one of their own.
+    fn tokenizer(&self) -> Option<&ModelTokenizer> {
+        None
+    }
+    /// Switches to another model (a directory or Hub id), where the services allow it.
+    fn choose(&self, model: &str) -> Result<(), String> {
+        Err(format!(
+            "cannot switch to the model `{model}` here: only a plugin's own command chooses its model"
+        ))
+    }
 }
 
 /// The services of the moment: what is loaded, and the metrics plugins report.
@@ -55,8 +65,12 @@ pub struct PluginHost<'s, 'a> {
 
 impl PluginHost<'_, '_> {
     fn tokenizer(&self) -> Result<&ModelTokenizer, PluginError> {
+        if let Some(tokenizer) = self.services.tokenizer {
+            return Ok(tokenizer);
+        }
         self.services
-            .tokenizer
+            .model
+            .and_then(|m| m.tokenizer())
             .ok_or_else(|| PluginError::new("no tokenizer is loaded yet at this hook"))
     }
 
@@ -116,6 +130,10 @@ impl Host for PluginHost<'_, '_> {
     fn generate(&mut self, request: &GenerateRequest) -> Result<String, PluginError> {
         self.model()?.generate(request).map_err(PluginError::new)
     }
+
+    fn use_model(&mut self, model: &str) -> Result<(), PluginError> {
+        self.model()?.choose(model).map_err(PluginError::new)
+    }
 }
 
 /// A loaded model and its tokenizer, as plugins reach them.
@@ -135,6 +153,10 @@ impl LoadedModel<'_> {
 }
 
 impl ModelServices for LoadedModel<'_> {
+    fn tokenizer(&self) -> Option<&ModelTokenizer> {
+        Some(self.tokenizer)
+    }
+
     fn parameter(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
         let mut found = None;
         self.model.visit_params(&mut |n, p| {
@@ -155,8 +177,16 @@ impl ModelServices for LoadedModel<'_> {
         requests
             .iter()
             .map(|request| {
-                let context = self.encode(&request.context, true)?;
-                let continuation = self.encode(&request.continuation, false)?;
+                let (context, continuation) =
+                    match (&request.context_ids, &request.continuation_ids) {
+                        (Some(context), Some(continuation)) => {
+                            (context.clone(), continuation.clone())
+                        }
+                        _ => (
+                            self.encode(&request.context, true)?,
+                            self.encode(&request.continuation, false)?,
+                        ),
+                    };
                 if continuation.is_empty() {
                     return Ok(Score {
                         log_likelihood: 0.0,
@@ -174,7 +204,10 @@ impl ModelServices for LoadedModel<'_> {
 
     fn generate(&self, request: &GenerateRequest) -> Result<String, String> {
         use crate::model::generate::{Decoder, SamplingParams};
-        let prompt = self.encode(&request.prompt, true)?;
+        let prompt = match &request.prompt_ids {
+            Some(ids) => ids.clone(),
+            None => self.encode(&request.prompt, true)?,
+        };
         let params = SamplingParams {
             max_new_tokens: request.max_new_tokens,
             do_sample: request.temperature > 0.0,
@@ -187,8 +220,19 @@ impl ModelServices for LoadedModel<'_> {
         };
         let stop_ids = self.tokenizer.stop_ids(&self.model.config.eos_token_ids);
         let mut decoder = Decoder::new(self.model, params.seed);
+        // Stops as soon as the text holds a stop string.
+        let mut new_ids = Vec::new();
+        let mut on_token = |id: u32| {
+            if request.stop.is_empty() {
+                return true;
+            }
+            new_ids.push(id);
+            self.tokenizer.decode(&new_ids, true).map_or(true, |t| {
+                !request.stop.iter().any(|s| t.contains(s.as_str()))
+            })
+        };
         let (ids, _) = decoder
-            .generate(&prompt, &params, &stop_ids, &mut |_| true)
+            .generate(&prompt, &params, &stop_ids, &mut on_token)
             .map_err(|e| e.to_string())?;
         let mut text = self
             .tokenizer

@@ -993,6 +993,7 @@ fn model_services_score_generate_and_read_parameters() {
             max_new_tokens: 3,
             temperature: 0.0,
             stop: vec![],
+            prompt_ids: None,
         })
         .unwrap();
     let scores = services
@@ -1000,10 +1001,12 @@ fn model_services_score_generate_and_read_parameters() {
             ScoreRequest {
                 context: prompt.into(),
                 continuation: generated.clone(),
+                ..ScoreRequest::default()
             },
             ScoreRequest {
                 context: prompt.into(),
                 continuation: " zebra zebra".into(),
+                ..ScoreRequest::default()
             },
         ])
         .unwrap();
