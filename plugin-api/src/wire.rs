@@ -303,6 +303,13 @@ pub enum HostCall {
         /// What to generate.
         request: crate::payload::GenerateRequest,
     },
+    /// [`Host::apply_chat_template`].
+    ApplyChatTemplate {
+        /// `(role, content)` turns.
+        messages: Vec<(String, String)>,
+        /// End with the assistant's prompt.
+        add_generation_prompt: bool,
+    },
     /// [`Host::use_model`].
     UseModel {
         /// The model.
@@ -322,6 +329,10 @@ pub fn serve_host(host: &mut dyn Host, call: &str) -> Result<String, PluginError
         HostCall::Score { requests } => encode(&host.score(&requests)?),
         HostCall::Generate { request } => encode(&host.generate(&request)?),
         HostCall::UseModel { model } => encode(&host.use_model(&model)?),
+        HostCall::ApplyChatTemplate {
+            messages,
+            add_generation_prompt,
+        } => encode(&host.apply_chat_template(&messages, add_generation_prompt)?),
     }
 }
 
@@ -390,6 +401,17 @@ impl<C: HostChannel> Host for RemoteHost<C> {
     ) -> Result<String, PluginError> {
         self.ask(&HostCall::Generate {
             request: request.clone(),
+        })
+    }
+
+    fn apply_chat_template(
+        &mut self,
+        messages: &[(String, String)],
+        add_generation_prompt: bool,
+    ) -> Result<String, PluginError> {
+        self.ask(&HostCall::ApplyChatTemplate {
+            messages: messages.to_vec(),
+            add_generation_prompt,
         })
     }
 

@@ -134,6 +134,28 @@ impl Host for PluginHost<'_, '_> {
     fn use_model(&mut self, model: &str) -> Result<(), PluginError> {
         self.model()?.choose(model).map_err(PluginError::new)
     }
+
+    fn apply_chat_template(
+        &mut self,
+        messages: &[(String, String)],
+        add_generation_prompt: bool,
+    ) -> Result<String, PluginError> {
+        use crate::chat_template::{ChatTemplate, Message, SpecialTokens};
+        let tokenizer = self.tokenizer()?;
+        let source = tokenizer.chat_template.as_deref().ok_or_else(|| {
+            PluginError::new(format!("{} has no chat template", tokenizer.dir.display()))
+        })?;
+        let special = SpecialTokens {
+            bos_token: tokenizer.bos.as_ref().map(|t| t.0.clone()),
+            eos_token: tokenizer.eos.as_ref().map(|t| t.0.clone()),
+            pad_token: tokenizer.pad.as_ref().map(|t| t.0.clone()),
+            unk_token: None,
+        };
+        let messages: Vec<Message> = messages.iter().map(|(r, c)| Message::new(r, c)).collect();
+        ChatTemplate::new(source)
+            .and_then(|t| t.render(&messages, add_generation_prompt, &special))
+            .map_err(|e| PluginError::new(format!("the chat template: {e}")))
+    }
 }
 
 /// A loaded model and its tokenizer, as plugins reach them.

@@ -294,3 +294,91 @@ fn kd_distils_in_training_and_evaluation_with_packing_and_lora() {
         .join("lora/out/adapter_model.safetensors")
         .is_file());
 }
+
+/// The results files an lm-eval run wrote under `output_dir/lm_eval_results/`.
+fn lm_eval_results(output_dir: &std::path::Path) -> Vec<Value> {
+    let mut found = Vec::new();
+    let mut stack = vec![output_dir.join("lm_eval_results")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("results_"))
+            {
+                found.push(serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap());
+            }
+        }
+    }
+    found
+}
+
+/// `plugins: [lm_eval]`: after training, the example tasks run on the trained model and the
+/// results land in lm-eval's layout; `axl lm-eval` runs them alone on `lm_eval_model`; an
+/// unknown task stops the run before training, naming it.
+#[test]
+fn lm_eval_runs_after_training_and_as_a_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/lm_eval_tasks");
+    let extra = format!(
+        "plugins:\n  - lm_eval\nlm_eval_tasks:\n  - town_colors\n  - town_food:1\nlm_eval_include_path: {}\nmax_steps: 1\nval_set_size: 0\n",
+        tasks.display()
+    );
+    let (run, out) = train_in(dir.path(), "trained", &extra);
+    let log = stderr(&run);
+    assert!(run.status.success(), "{log}");
+    assert!(
+        log.contains("[lm_eval] info: town_colors: 24 documents, 0-shot"),
+        "{log}"
+    );
+    assert!(log.contains("|town_food|1|exact_match|"), "{log}");
+    let results = lm_eval_results(&out);
+    assert_eq!(results.len(), 1, "{log}");
+    let r = &results[0];
+    let acc = r["results"]["town_colors"]["acc,none"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(r["results"]["town_colors"]["acc_norm_stderr,none"].is_number());
+    assert_eq!(r["n-shot"]["town_food"], 1);
+    assert_eq!(r["n-samples"]["town_food"]["effective"], 24);
+    assert_eq!(
+        r["configs"]["town_colors"]["output_type"],
+        "multiple_choice"
+    );
+
+    // Alone, on another model: the fixture itself, with its results beside the first ones.
+    let config = dir.path().join("trained/config.yml");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{text}lm_eval_model: {}\noutput_dir: {}\n",
+            fixture.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let alone = run_axl("lm-eval", &config);
+    assert!(alone.status.success(), "{}", stderr(&alone));
+    assert!(stderr(&alone).contains(&format!("model: {}", fixture.display())));
+    let results = lm_eval_results(&out);
+    assert!(results
+        .iter()
+        .any(|r| r["model_name"] == fixture.display().to_string()));
+
+    let bad = train_in(
+        dir.path(),
+        "bad",
+        &extra.replace("town_colors", "town_colours"),
+    )
+    .0;
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("no task file names the task `town_colours`"),
+        "{}",
+        stderr(&bad)
+    );
+}
