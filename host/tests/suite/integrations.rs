@@ -382,3 +382,53 @@ fn lm_eval_runs_after_training_and_as_a_command() {
         stderr(&bad)
     );
 }
+
+/// `plugins: [rewards]`: a training config that lists it (with its keys) runs, the plugin
+/// lists its reward functions, and they score completions through the reward hook as a
+/// third-party reward plugin's would.
+#[test]
+fn built_in_rewards_load_with_a_run_and_score_through_the_hook() {
+    use axl::plugins::spec::{PluginSpec, Sandbox, Source};
+    use axl::plugins::{PluginManager, Services};
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "plugins:\n  - rewards\nreward_answer_field: solution\nreward_length_target: 8\nmax_steps: 1\nval_set_size: 0\n";
+    let (run, _) = train_in(dir.path(), "run", extra);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["plugin", "list"])
+        .arg(dir.path().join("run/config.yml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("rewards 0.1.0 (built-in"));
+
+    let spec = PluginSpec {
+        entry: "rewards".into(),
+        source: Source::Builtin("rewards".into()),
+        sandbox: Sandbox::default(),
+        on_error: Default::default(),
+    };
+    let mut manager = PluginManager::load(&[spec], dir.path(), dir.path()).unwrap();
+    let run = axl_plugin_api::payload::RunContext {
+        config: serde_json::json!({"reward_answer_field": "solution"}),
+        ..Default::default()
+    };
+    manager.configure(&run, &mut Services::default()).unwrap();
+    let mut row = serde_json::Map::new();
+    row.insert("solution".into(), serde_json::json!("12"));
+    let batch = axl_plugin_api::payload::RewardBatch {
+        prompts: vec!["3*4?".into(); 2],
+        completions: vec!["<think>3*4</think><answer>12</answer>".into(), "13".into()],
+        fields: vec![row.clone(), row],
+    };
+    let mut services = Services::default();
+    assert_eq!(
+        manager
+            .reward("exact_match", &batch, &mut services)
+            .unwrap(),
+        [Some(1.0), Some(0.0)]
+    );
+    assert_eq!(
+        manager.reward("format", &batch, &mut services).unwrap(),
+        [Some(1.0), Some(0.0)]
+    );
+}
