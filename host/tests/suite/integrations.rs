@@ -432,3 +432,50 @@ fn built_in_rewards_load_with_a_run_and_score_through_the_hook() {
         [Some(1.0), Some(0.0)]
     );
 }
+
+/// Every config snippet of the README's "Integrations" section is a valid config: merged
+/// over a minimal one, its keys pass validation and its plugins load and configure
+/// (`axl plugin list`).
+#[test]
+fn the_readme_integration_snippets_are_valid_configs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme.find("\n## Integrations\n").unwrap();
+    let end = start + 1 + readme[start + 1..].find("\n## ").unwrap();
+    let section = &readme[start..end];
+    let snippets: Vec<&str> = section
+        .split("```yaml\n")
+        .skip(1)
+        .map(|s| &s[..s.find("```").unwrap()])
+        .collect();
+    assert!(snippets.len() >= 5, "{} snippets", snippets.len());
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        root.join("examples/lm_eval_tasks"),
+        dir.path().join("lm_eval_tasks"),
+    )
+    .unwrap();
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    for (i, snippet) in snippets.iter().enumerate() {
+        let mut config: serde_yaml::Mapping = serde_yaml::from_str(&format!(
+            "base_model: {}\ndatasets:\n  - path: data.jsonl\n    type: alpaca\nsequence_len: 64\nmicro_batch_size: 1\nlearning_rate: 0.001\n",
+            model.display()
+        ))
+        .unwrap();
+        let extra: serde_yaml::Mapping = serde_yaml::from_str(snippet).unwrap();
+        config.extend(extra);
+        let path = dir.path().join(format!("snippet{i}.yml"));
+        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+            .args(["plugin", "list"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "snippet {i}:\n{snippet}\n{}",
+            stderr(&out)
+        );
+    }
+}
