@@ -357,3 +357,31 @@ pub struct GenerateRequest {
     #[serde(default)]
     pub prompt_ids: Option<Vec<u32>>,
 }
+
+/// An HTTP request a plugin asks the host to make (TLS and proxies are the host's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// `GET`, `POST`, `PUT`, ...
+    pub method: String,
+    /// An `http://` or `https://` URL.
+    pub url: String,
+    /// Header names and values.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The body, if any.
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+/// The answer to an [`HttpRequest`] (any status, 4xx and 5xx included).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header names and values.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The body, as text.
+    #[serde(default)]
+    pub body: String,
+}

@@ -4,9 +4,9 @@
 use crate::hooks::Hook;
 use crate::manifest::Manifest;
 use crate::payload::{
-    CommandCall, Control, DatasetEntry, Event, Formatted, GenerateRequest, KernelChoices, LogLevel,
-    LossBatch, ModelInfo, OptimizerContext, OptimizerSpec, RewardBatch, Row, RunContext,
-    ScheduleContext, Score, ScoreRequest, TrainablePolicy,
+    CommandCall, Control, DatasetEntry, Event, Formatted, GenerateRequest, HttpRequest,
+    HttpResponse, KernelChoices, LogLevel, LossBatch, ModelInfo, OptimizerContext, OptimizerSpec,
+    RewardBatch, Row, RunContext, ScheduleContext, Score, ScoreRequest, TrainablePolicy,
 };
 use crate::tensor::{Gradient, TensorView, TensorViewMut};
 
@@ -68,6 +68,14 @@ pub trait Host {
     ) -> Result<String, PluginError> {
         let _ = (messages, add_generation_prompt);
         Err(PluginError::new("this host does not render chat templates"))
+    }
+    /// An HTTP request made by the host. A WebAssembly plugin may reach only the hosts its
+    /// `allow_net` grants; built-in and native plugins are trusted code and may reach any.
+    fn http(&mut self, request: &HttpRequest) -> Result<HttpResponse, PluginError> {
+        Err(PluginError::new(format!(
+            "this host does not make HTTP requests ({} {})",
+            request.method, request.url
+        )))
     }
     /// In a plugin's own command: the model (a local directory or a Hub id) that later
     /// `score`, `generate`, `tokenize` and `parameter` calls use, instead of the run's trained

@@ -303,6 +303,11 @@ pub enum HostCall {
         /// What to generate.
         request: crate::payload::GenerateRequest,
     },
+    /// [`Host::http`].
+    Http {
+        /// The request.
+        request: crate::payload::HttpRequest,
+    },
     /// [`Host::apply_chat_template`].
     ApplyChatTemplate {
         /// `(role, content)` turns.
@@ -329,6 +334,7 @@ pub fn serve_host(host: &mut dyn Host, call: &str) -> Result<String, PluginError
         HostCall::Score { requests } => encode(&host.score(&requests)?),
         HostCall::Generate { request } => encode(&host.generate(&request)?),
         HostCall::UseModel { model } => encode(&host.use_model(&model)?),
+        HostCall::Http { request } => encode(&host.http(&request)?),
         HostCall::ApplyChatTemplate {
             messages,
             add_generation_prompt,
@@ -412,6 +418,15 @@ impl<C: HostChannel> Host for RemoteHost<C> {
         self.ask(&HostCall::ApplyChatTemplate {
             messages: messages.to_vec(),
             add_generation_prompt,
+        })
+    }
+
+    fn http(
+        &mut self,
+        request: &crate::payload::HttpRequest,
+    ) -> Result<crate::payload::HttpResponse, PluginError> {
+        self.ask(&HostCall::Http {
+            request: request.clone(),
         })
     }
 

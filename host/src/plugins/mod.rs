@@ -2,6 +2,7 @@
 //! component) into one list of [`Plugin`] trait objects, calls them at each hook in list
 //! order, and combines their results by the hook's rule, naming the plugin in every error.
 
+pub mod http;
 pub mod native;
 pub mod services;
 pub mod spec;
@@ -323,7 +324,8 @@ impl PluginManager {
                 continue;
             }
             let name = loaded.manifest.name.clone();
-            let mut host = services.for_plugin(&name);
+            let net = loaded.spec.net_grants();
+            let mut host = services.for_plugin(&name, net);
             match f(loaded.plugin.as_mut(), &mut host) {
                 Ok(value) => out.push(Contribution {
                     plugin: name,
@@ -411,7 +413,8 @@ impl PluginManager {
     ) -> Result<T, PluginFailure> {
         let loaded = &mut self.plugins[index];
         let name = loaded.manifest.name.clone();
-        let mut host = services.for_plugin(&name);
+        let net = loaded.spec.net_grants();
+        let mut host = services.for_plugin(&name, net);
         f(loaded.plugin.as_mut(), &mut host).map_err(|e| PluginFailure::Failed {
             plugin: name,
             hook,

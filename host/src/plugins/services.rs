@@ -1,7 +1,9 @@
 //! The host services plugins call back into: logging, metrics, the tokenizer, and, where a
 //! model is loaded, its parameters, log-likelihoods and generation.
 
-use axl_plugin_api::payload::{GenerateRequest, LogLevel, Score, ScoreRequest};
+use axl_plugin_api::payload::{
+    GenerateRequest, HttpRequest, HttpResponse, LogLevel, Score, ScoreRequest,
+};
 use axl_plugin_api::{Host, PluginError, TensorView};
 
 use crate::model::tokenizer::ModelTokenizer;
@@ -48,18 +50,26 @@ impl<'a> Services<'a> {
         }
     }
 
-    /// The services as the plugin `name` sees them.
-    pub fn for_plugin<'s>(&'s mut self, name: &'s str) -> PluginHost<'s, 'a> {
+    /// The services as the plugin `name` sees them; `net` is what its sandbox lets it reach
+    /// over HTTP (`None`: trusted code, anything).
+    pub fn for_plugin<'s>(
+        &'s mut self,
+        name: &'s str,
+        net: Option<&'s [String]>,
+    ) -> PluginHost<'s, 'a> {
         PluginHost {
             plugin: name,
+            net,
             services: self,
         }
     }
 }
 
-/// [`Services`] as one plugin reaches them: its log lines carry its name.
+/// [`Services`] as one plugin reaches them: its log lines carry its name, and its HTTP
+/// requests are held to its sandbox's grants.
 pub struct PluginHost<'s, 'a> {
     plugin: &'s str,
+    net: Option<&'s [String]>,
     services: &'s mut Services<'a>,
 }
 
@@ -133,6 +143,13 @@ impl Host for PluginHost<'_, '_> {
 
     fn use_model(&mut self, model: &str) -> Result<(), PluginError> {
         self.model()?.choose(model).map_err(PluginError::new)
+    }
+
+    fn http(&mut self, request: &HttpRequest) -> Result<HttpResponse, PluginError> {
+        if let Some(grants) = self.net {
+            super::http::granted(&request.url, grants).map_err(PluginError::new)?;
+        }
+        super::http::send(request).map_err(PluginError::new)
     }
 
     fn apply_chat_template(

@@ -73,6 +73,14 @@ pub struct PluginSpec {
     pub on_error: OnError,
 }
 
+impl PluginSpec {
+    /// The hosts the plugin may reach through the `http` host service: its `allow_net` for a
+    /// WebAssembly component, anything (`None`) for trusted built-in and native code.
+    pub fn net_grants(&self) -> Option<&[String]> {
+        matches!(self.source, Source::Wasm(_)).then_some(self.sandbox.allow_net.as_slice())
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntryMap {

@@ -973,6 +973,85 @@ fn sandbox_grants_open_exactly_what_they_name() {
     );
 }
 
+/// A loopback HTTP server that answers `count` requests with `body` and returns each request
+/// it read (request line and headers).
+pub fn http_server(
+    count: usize,
+    body: &'static str,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = server.local_addr().unwrap().to_string();
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..count {
+            let (stream, _) = server.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = n.trim().parse().unwrap();
+                }
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                request.push_str(&line);
+            }
+            let mut content = vec![0u8; length];
+            reader.read_exact(&mut content).unwrap();
+            request.push_str(&String::from_utf8_lossy(&content));
+            seen.push(request);
+            let mut stream = stream;
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        }
+        seen
+    });
+    (address, handle)
+}
+
+/// The `http` host service: a WebAssembly plugin reaches a host its `allow_net` grants (the
+/// request arrives whole), and is refused another, naming the host and the grants.
+#[test]
+fn plugins_make_http_requests_only_to_granted_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (address, server) = http_server(1, "pong");
+    let granted = Sandbox {
+        allow_net: vec![address.clone()],
+        ..Sandbox::default()
+    };
+    let specs = [spec(Source::Wasm(wasm("hostile_plugin")), granted)];
+    let mut manager = PluginManager::load(&specs, dir.path(), &dir.path().join("out")).unwrap();
+    command(&mut manager, "http_get", &format!("http://{address}/ping")).unwrap();
+    let seen = server.join().unwrap();
+    assert!(seen[0].starts_with("GET /ping HTTP/1.1"), "{seen:?}");
+    assert!(
+        seen[0].to_ascii_lowercase().contains("x-probe: 1"),
+        "{seen:?}"
+    );
+
+    let other = Sandbox {
+        allow_net: vec!["localhost:1".into()],
+        ..Sandbox::default()
+    };
+    let specs = [spec(Source::Wasm(wasm("hostile_plugin")), other)];
+    let mut manager = PluginManager::load(&specs, dir.path(), &dir.path().join("out")).unwrap();
+    let err = command(&mut manager, "http_get", &format!("http://{address}/ping")).unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "`{address}` is not among the hosts this plugin may reach (allow_net: [localhost:1])"
+        )),
+        "{err}"
+    );
+}
+
 /// The model services plugins call: a greedy generation scores as greedy, with a negative
 /// log-likelihood, and a parameter reads back with its shape.
 #[test]

@@ -7,7 +7,7 @@ use axl_sdk::prelude::*;
 struct Hostile;
 
 /// `train` clashes with axl's own command, which wins.
-const COMMANDS: [&str; 8] = [
+const COMMANDS: [&str; 9] = [
     "train",
     "read_file",
     "connect",
@@ -16,6 +16,7 @@ const COMMANDS: [&str; 8] = [
     "write_file",
     "panic",
     "clock",
+    "http_get",
 ];
 
 impl Plugin for Hostile {
@@ -66,6 +67,19 @@ impl Plugin for Hostile {
                 std::fs::write(&arg, "written by a plugin")
                     .map_err(|e| PluginError::new(format!("cannot write {arg}: {e}")))?;
                 host.log(LogLevel::Info, &format!("wrote {arg}"));
+                Ok(())
+            }
+            "http_get" => {
+                let response = host.http(&HttpRequest {
+                    method: "GET".into(),
+                    url: arg.clone(),
+                    headers: vec![("x-probe".into(), "1".into())],
+                    body: None,
+                })?;
+                host.log(
+                    LogLevel::Info,
+                    &format!("GET {arg}: {} {}", response.status, response.body),
+                );
                 Ok(())
             }
             "panic" => panic!("asked to panic"),
