@@ -55,6 +55,8 @@ pub enum Hook {
     PostTrain,
     /// When the command line is parsed: extra subcommands.
     Commands,
+    /// When training fails or is interrupted (the event's `message` says why).
+    OnError,
 }
 
 /// How the results of the plugins that implement a hook combine.
@@ -78,7 +80,7 @@ pub enum Combine {
 
 impl Hook {
     /// Every hook, in the order a training run reaches them.
-    pub const ALL: [Hook; 21] = [
+    pub const ALL: [Hook; 22] = [
         Hook::Commands,
         Hook::Configure,
         Hook::LoadDatasets,
@@ -100,10 +102,11 @@ impl Hook {
         Hook::Reward,
         Hook::OnTrainEnd,
         Hook::PostTrain,
+        Hook::OnError,
     ];
 
     /// Every hook, in declaration order: the order of the WIT `hook` enum.
-    pub const DECLARED: [Hook; 21] = [
+    pub const DECLARED: [Hook; 22] = [
         Hook::Configure,
         Hook::LoadDatasets,
         Hook::FormatExample,
@@ -125,6 +128,7 @@ impl Hook {
         Hook::Reward,
         Hook::PostTrain,
         Hook::Commands,
+        Hook::OnError,
     ];
 
     /// The hook at `index` of [`Hook::DECLARED`] (a WIT `hook` enum value).
@@ -161,6 +165,7 @@ impl Hook {
             Hook::Reward => "reward",
             Hook::PostTrain => "post_train",
             Hook::Commands => "commands",
+            Hook::OnError => "on_error",
         }
     }
 
@@ -200,6 +205,7 @@ impl Hook {
                 | Hook::OnSave
                 | Hook::OnTrainEnd
                 | Hook::PostTrain
+                | Hook::OnError
         )
     }
 }

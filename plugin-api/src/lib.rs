@@ -31,6 +31,7 @@
 //! | `reward` | completions are scored (RL) | the named reward function |
 //! | `on_train_end` | after the last step, before the final save | all; failures reported |
 //! | `post_train` | once, after the final save | all; failures reported |
+//! | `on_error` | training failed or was interrupted | all; failures reported |
 //!
 //! "Failures reported" hooks are observational: a failure names the plugin and the hook and,
 //! with the plugin's `on_error: skip`, training goes on; every other hook shapes the run, so

@@ -254,7 +254,7 @@ pub struct TrainState {
 }
 
 /// A loop event (`on_train_begin`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`,
-/// `on_train_end`, `post_train`).
+/// `on_train_end`, `post_train`, `on_error`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Which event.
@@ -268,6 +268,9 @@ pub struct Event {
     /// The checkpoint written, for `on_save`; the final output for `post_train`.
     #[serde(default)]
     pub dir: Option<String>,
+    /// For `on_error`: what went wrong.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// What a loop event may ask of the run.

@@ -208,7 +208,7 @@ pub trait Plugin: Send {
     }
 
     /// The loop events (`on_train_begin`, `on_step_end`, `on_log`, `on_evaluate`,
-    /// `on_save`, `on_train_end`, `post_train`), told apart by `event.hook`.
+    /// `on_save`, `on_train_end`, `post_train`, `on_error`), told apart by `event.hook`.
     fn on_event(&mut self, event: &Event, host: &mut dyn Host) -> Result<Control, PluginError> {
         let _ = (event, host);
         Ok(Control::default())

@@ -93,7 +93,8 @@ pub fn serve(
         | Hook::OnEvaluate
         | Hook::OnSave
         | Hook::OnTrainEnd
-        | Hook::PostTrain => {
+        | Hook::PostTrain
+        | Hook::OnError => {
             let event: Event = decode(hook, "request", payload)?;
             encode(&plugin.on_event(&event, host)?)
         }

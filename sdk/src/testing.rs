@@ -74,5 +74,6 @@ pub fn event(hook: Hook, global_step: u64, max_steps: u64, metrics: &[(&str, f64
         },
         metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         dir: None,
+        message: None,
     }
 }

@@ -206,7 +206,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             (output_dir.join(name), d.check_interval)
         });
     let mut hooks = super::plugins::PluginLoop::new(&mut plugins, Some(&tokenizer));
-    let report = run::run(
+    let outcome = run::run(
         &mut model,
         RunInputs {
             train: &train,
@@ -222,7 +222,28 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             trigger,
             hooks: &mut hooks,
         },
-    )?;
+    );
+    let failure = match &outcome {
+        Err(e) => Some(format!("{e}")),
+        Ok(report) => report
+            .interrupted
+            .as_ref()
+            .map(|c| format!("interrupted; the run can continue from {}", c.display())),
+    };
+    if let Some(message) = failure {
+        let state = axl_plugin_api::payload::TrainState::default();
+        let failed = axl_plugin_api::payload::Event {
+            hook: Hook::OnError,
+            state,
+            metrics: Default::default(),
+            dir: Some(output_dir.display().to_string()),
+            message: Some(message),
+        };
+        if let Err(e) = crate::train::hooks::LoopHooks::event(&mut hooks, &model, &failed) {
+            eprintln!("warning: {e}");
+        }
+    }
+    let report = outcome?;
     if report.interrupted.is_none() {
         let mut done = axl_plugin_api::payload::Event {
             hook: Hook::PostTrain,
@@ -237,6 +258,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .collect(),
             dir: Some(output_dir.display().to_string()),
+            message: None,
         };
         done.metrics
             .extend(report.steps.last().map(|s| ("loss".to_string(), s.loss)));

@@ -645,6 +645,7 @@ fn hook_to_wit(hook: Hook) -> types::Hook {
         Hook::OnTrainEnd => W::OnTrainEnd,
         Hook::Reward => W::Reward,
         Hook::PostTrain => W::PostTrain,
+        Hook::OnError => W::OnError,
         Hook::Commands => W::Commands,
     }
 }

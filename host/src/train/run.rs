@@ -66,6 +66,7 @@ fn event(hook: Hook, progress: &Progress, total_steps: usize, metrics: &[(&str, 
         },
         metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         dir: None,
+        message: None,
     }
 }
 

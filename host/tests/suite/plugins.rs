@@ -196,6 +196,7 @@ fn a_panicking_native_plugin_is_an_error() {
         },
         metrics: Default::default(),
         dir: None,
+        message: None,
     };
     let err = manager
         .event(&step(2), &mut Services::default())
@@ -281,6 +282,7 @@ fn hooks_run_in_list_order_and_conflicts_name_both_plugins() {
         state: TrainState::default(),
         metrics: Default::default(),
         dir: None,
+        message: None,
     };
     manager.event(&log, &mut Services::default()).unwrap();
     let calls: Vec<String> = CALLS
