@@ -175,6 +175,7 @@ fn train(args: &[String], seq: usize, steps: usize) -> anyhow::Result<serde_json
                     },
                     metrics: metrics.into_iter().collect(),
                     dir: None,
+                    message: None,
                 };
                 manager.event(&event, &mut services)?;
             }

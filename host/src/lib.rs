@@ -22,4 +22,5 @@ use axl_plugin_liger as _;
 use axl_plugin_lm_eval as _;
 use axl_plugin_rewards as _;
 use axl_plugin_spectrum as _;
+use axl_plugin_swanlab as _;
 pub mod train;

@@ -31,6 +31,7 @@
 pub use axl_plugin_api::*;
 pub use serde_json;
 
+pub mod clock;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod dylib;
 pub mod testing;

@@ -479,3 +479,308 @@ fn the_readme_integration_snippets_are_valid_configs() {
         );
     }
 }
+
+/// One request a [`FakeSwanLab`] received.
+#[derive(Clone, Debug)]
+struct Received {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+/// A SwanLab server on loopback: the endpoints the plugin uses, answered as SwanLab does
+/// (the project missing until created), and a Lark webhook at `/lark`; it records every
+/// request.
+struct FakeSwanLab {
+    address: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl FakeSwanLab {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = server.local_addr().unwrap().to_string();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Received>::new()));
+        let log = received.clone();
+        std::thread::spawn(move || {
+            let mut project_exists = false;
+            for stream in server.incoming() {
+                let Ok(stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    continue;
+                }
+                let mut parts = first.split_whitespace();
+                let method = parts.next().unwrap_or_default().to_string();
+                let path = parts.next().unwrap_or_default().to_string();
+                let mut headers = Vec::new();
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let line = line.trim_end().to_string();
+                    if line.is_empty() {
+                        break;
+                    }
+                    let (name, value) = line.split_once(':').unwrap();
+                    let (name, value) = (name.to_ascii_lowercase(), value.trim().to_string());
+                    if name == "content-length" {
+                        length = value.parse().unwrap();
+                    }
+                    headers.push((name, value));
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).unwrap();
+                let body = String::from_utf8(body).unwrap();
+                let (status, answer) = match (method.as_str(), path.as_str()) {
+                    ("POST", "/api/login/api_key") => (200, r#"{"sid":"session-1","expiredAt":"2030-01-01T00:00:00.000Z","userInfo":{"username":"alice","name":null}}"#.to_string()),
+                    ("GET", "/api/project/alice/town") if !project_exists => (404, r#"{"code":404,"message":"not found"}"#.into()),
+                    ("POST", "/api/projects/alice") => {
+                        project_exists = true;
+                        (201, "{}".into())
+                    }
+                    ("GET", "/api/project/alice/town") => (200, r#"{"cuid":"P1","name":"town","version":1,"path":"/alice/town"}"#.into()),
+                    ("POST", "/api/project/alice/town/experiment") => (201, r#"{"cuid":"E1","slug":"e1-slug","name":"n"}"#.into()),
+                    ("POST", "/lark") => (200, r#"{"code":0,"msg":"success"}"#.into()),
+                    _ => (200, "{}".into()),
+                };
+                log.lock().unwrap().push(Received {
+                    method,
+                    path,
+                    headers,
+                    body,
+                });
+                let mut stream = stream;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            }
+        });
+        Self { address, received }
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// SwanLab's cloud path, as the sandboxed WebAssembly component granted only the (loopback)
+/// API host: login with the key, the project created, the run created with its
+/// hyperparameters, every logged and evaluated value uploaded by step, the run finished, and
+/// Lark notified, signed, on start and finish; the API key appears in the login header and
+/// nowhere else, not in the log either. Without the grant, the first request is refused.
+#[test]
+fn swanlab_cloud_runs_sandboxed_and_loses_nothing() {
+    let server = FakeSwanLab::start();
+    let api = format!("http://{}", server.address);
+    let key = "sk-axl-test-5ecret-key";
+    let component = super::plugins::wasm("axl_plugin_swanlab");
+    let plugin = |grant: &str| {
+        format!(
+            "plugins:\n  - path: {}\n    allow_net: [\"{grant}\"]\n    allow_env: [SWANLAB_API_KEY]\n    allow_clock: true\nswanlab_project: town\nswanlab_experiment_name: first\nswanlab_description: a test run\nswanlab_api_host: {api}\nswanlab_lark_webhook_url: {api}/lark\nswanlab_lark_secret: lark-s3cret\nmax_steps: 4\nval_set_size: 0.2\neval_steps: 2\n",
+            component.display()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("cloud");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let config = super::train::training_config(&run_dir, &plugin(&server.address));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["train", config.to_str().unwrap(), "--output-dir"])
+        .arg(run_dir.join("out"))
+        .env("SWANLAB_API_KEY", key)
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("tracking at {api}/@alice/town/runs/e1-slug")),
+        "{log}"
+    );
+    assert!(!log.contains(key), "the key was logged");
+
+    let requests = server.requests();
+    let calls: Vec<String> = requests
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        &calls[..5],
+        [
+            "POST /api/login/api_key",
+            "GET /api/project/alice/town",
+            "POST /api/projects/alice",
+            "GET /api/project/alice/town",
+            "POST /api/project/alice/town/experiment",
+        ],
+        "{calls:?}"
+    );
+    for r in &requests {
+        let in_header = r.headers.iter().any(|(_, v)| v.contains(key));
+        assert!(
+            !r.body.contains(key),
+            "the key was sent in {} {}",
+            r.method,
+            r.path
+        );
+        assert_eq!(
+            in_header,
+            r.path == "/api/login/api_key",
+            "{} {}",
+            r.method,
+            r.path
+        );
+        if r.path.starts_with("/api/") && r.path != "/api/login/api_key" {
+            assert!(
+                r.headers
+                    .contains(&("cookie".into(), "sid=session-1".into())),
+                "{} {}",
+                r.method,
+                r.path
+            );
+        }
+    }
+    let body = |r: &Received| serde_json::from_str::<Value>(&r.body).unwrap();
+    let profile = requests
+        .iter()
+        .find(|r| r.path.ends_with("/runs/E1/profile"))
+        .unwrap();
+    let profile = body(profile);
+    assert_eq!(profile["config"]["learning_rate"]["value"], 0.001);
+    assert!(profile["config"].get("swanlab_lark_secret").is_none());
+    // Every value logged to metrics.jsonl reached the server, at its step.
+    let mut uploaded = std::collections::BTreeSet::new();
+    for r in requests.iter().filter(|r| r.path == "/api/house/metrics") {
+        let b = body(r);
+        assert_eq!(
+            (b["projectId"].clone(), b["experimentId"].clone()),
+            (serde_json::json!("P1"), serde_json::json!("E1"))
+        );
+        for m in b["metrics"].as_array().unwrap() {
+            uploaded.insert((
+                m["key"].as_str().unwrap().to_string(),
+                m["index"].as_u64().unwrap(),
+            ));
+        }
+    }
+    let out_dir = run_dir.join("out");
+    for step in logged_steps(&out_dir) {
+        let n = step["step"].as_u64().unwrap();
+        assert!(
+            uploaded.contains(&("loss".to_string(), n)),
+            "loss at step {n} missing: {uploaded:?}"
+        );
+    }
+    assert!(
+        uploaded.contains(&("eval_loss".to_string(), 2)),
+        "{uploaded:?}"
+    );
+    assert!(
+        uploaded.contains(&("eval_loss".to_string(), 4)),
+        "{uploaded:?}"
+    );
+    let series = requests
+        .iter()
+        .filter(|r| r.path == "/api/projects/alice/town/series")
+        .count();
+    assert!(series >= 1);
+    let state = requests
+        .iter()
+        .find(|r| r.path.ends_with("/runs/E1/state"))
+        .unwrap();
+    assert_eq!(body(state)["state"], "FINISHED");
+    let lark: Vec<Value> = requests
+        .iter()
+        .filter(|r| r.path == "/lark")
+        .map(body)
+        .collect();
+    assert_eq!(lark.len(), 2, "start and finish");
+    assert!(lark[0]["content"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("has started"));
+    assert!(lark[1]["content"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("completed successfully"));
+    for message in &lark {
+        let timestamp = message["timestamp"].as_u64().unwrap();
+        assert_eq!(
+            message["sign"],
+            axl_plugin_swanlab::lark::sign(timestamp, "lark-s3cret")
+        );
+    }
+
+    // Granted another host only: the sandbox refuses the API host, naming it.
+    let refused_dir = dir.path().join("refused");
+    std::fs::create_dir_all(&refused_dir).unwrap();
+    let config = super::train::training_config(&refused_dir, &plugin("localhost:1"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+        .args(["train", config.to_str().unwrap(), "--output-dir"])
+        .arg(refused_dir.join("out"))
+        .env("SWANLAB_API_KEY", key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!(
+            "`{}` is not among the hosts this plugin may reach",
+            server.address
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(key));
+}
+
+/// `plugins: [swanlab]` with `swanlab_mode: local`: the run is written under
+/// `output_dir/swanlog`, and a failed run is marked crashed with its error.
+#[test]
+fn swanlab_local_runs_are_written_to_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "plugins:\n  - axolotl.integrations.swanlab.SwanLabPlugin\nuse_swanlab: true\nswanlab_project: town\nswanlab_mode: local\nmax_steps: 3\nval_set_size: 0\n";
+    let (run, out) = train_in(dir.path(), "local", extra);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let runs: Vec<_> = std::fs::read_dir(out.join("swanlog"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let run_dir = runs[0].path();
+    let losses = std::fs::read_to_string(run_dir.join("logs/loss/0.log")).unwrap();
+    assert_eq!(losses.lines().count(), 3);
+    let state = std::fs::read_to_string(run_dir.join("files/state.json")).unwrap();
+    assert!(state.contains("\"FINISHED\""), "{state}");
+    let config = std::fs::read_to_string(run_dir.join("files/config.yaml")).unwrap();
+    assert!(config.contains("swanlab_project:"), "{config}");
+
+    // A plugin that fails at step two stops the run: the tracker hears `on_error`.
+    let failing = format!(
+        "{}
+plugins:
+  - axolotl.integrations.swanlab.SwanLabPlugin
+  - {}
+",
+        extra.replace(
+            "plugins:\n  - axolotl.integrations.swanlab.SwanLabPlugin\n",
+            ""
+        ),
+        super::plugins::native("hostile_plugin").display()
+    );
+    let (run, out) = train_in(dir.path(), "failing", &failing);
+    assert!(!run.status.success());
+    let runs: Vec<_> = std::fs::read_dir(out.join("swanlog"))
+        .unwrap()
+        .flatten()
+        .collect();
+    let state = std::fs::read_to_string(runs[0].path().join("files/state.json")).unwrap();
+    assert!(
+        state.contains("\"CRASHED\"") && state.contains("step two is unlucky"),
+        "{state}"
+    );
+}

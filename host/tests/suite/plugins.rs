@@ -23,17 +23,19 @@ fn built() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // (package, as a component, as a native library)
         let packages = [
-            "flashcards",
-            "exact_answer",
-            "hostile_plugin",
-            "early_stopping",
+            ("flashcards", true, true),
+            ("exact_answer", true, true),
+            ("hostile_plugin", true, true),
+            ("early_stopping", false, true),
+            ("axl-plugin-swanlab", true, false),
         ];
         for wasm in [true, false] {
             let mut command = std::process::Command::new(&cargo);
             command.current_dir(env!("CARGO_MANIFEST_DIR")).arg("build");
-            for p in packages {
-                if !(wasm && p == "early_stopping") {
+            for (p, component, library) in packages {
+                if (wasm && component) || (!wasm && library) {
                     command.args(["-p", p]);
                 }
             }
@@ -51,11 +53,11 @@ fn built() -> &'static Path {
     })
 }
 
-fn wasm(name: &str) -> PathBuf {
+pub(super) fn wasm(name: &str) -> PathBuf {
     built().join(format!("wasm32-wasip2/debug/{name}.wasm"))
 }
 
-fn native(name: &str) -> PathBuf {
+pub(super) fn native(name: &str) -> PathBuf {
     built().join(format!(
         "debug/{}{name}{}",
         std::env::consts::DLL_PREFIX,

@@ -129,34 +129,16 @@ impl Settings {
     }
 }
 
-/// Days since 1970-01-01 to a civil date.
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
 /// The current time as `(seconds since the epoch, "YYYYmmdd_HHMMSS", "YYYY-mm-ddTHH-MM-SS.ffffff")`, UTC.
 fn now() -> (f64, String, String) {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs() as i64;
-    let (y, mo, d) = civil(secs.div_euclid(86_400));
-    let rest = secs.rem_euclid(86_400);
-    let (h, mi, s) = (rest / 3600, rest % 3600 / 60, rest % 60);
+    let now = axl_sdk::clock::UtcTime::now();
+    let (y, mo, d, h, mi, s) = now.parts();
     (
-        since.as_secs_f64(),
-        format!("{y:04}{mo:02}{d:02}_{h:02}{mi:02}{s:02}"),
+        now.unix_seconds as f64 + f64::from(now.micros) / 1e6,
+        now.compact(),
         format!(
             "{y:04}-{mo:02}-{d:02}T{h:02}-{mi:02}-{s:02}.{:06}",
-            since.subsec_micros()
+            now.micros
         ),
     )
 }
@@ -301,9 +283,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_and_model_names_as_lm_eval_writes_them() {
-        assert_eq!(civil(0), (1970, 1, 1));
-        assert_eq!(civil(20_779), (2026, 11, 22));
+    fn model_names_as_lm_eval_writes_them() {
         assert_eq!(sanitize("/runs/out"), "__runs__out");
         assert_eq!(sanitize("org/model"), "org__model");
     }
