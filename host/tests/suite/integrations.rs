@@ -433,7 +433,7 @@ fn built_in_rewards_load_with_a_run_and_score_through_the_hook() {
     );
 }
 
-/// Every config snippet of the README's "Integrations" section is a valid config: merged
+/// Every config snippet (the `yaml` code blocks) of the README's "Integrations" section is a valid config: merged
 /// over a minimal one, its keys pass validation and its plugins load and configure
 /// (`axl plugin list`).
 #[test]
