@@ -204,7 +204,8 @@ impl Strategy {
                             .collect();
                         let mut example = TextExample::from_pieces(&pieces);
                         example.add_special_tokens = answer.add_special_tokens;
-                        example.append_eos = Some(answer.append_eos);
+                        let last_trained = answer.segments.last().is_some_and(|s| s.train);
+                        example.append_eos = answer.append_eos.then_some(last_trained);
                         example
                     }
                     Some("chat_template") => match chat {
@@ -305,5 +306,68 @@ impl Strategy {
             }
             Self::Chat(s) => s.format(row).map(|f| vec![f]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axl_plugin_api::payload::Segment;
+
+    /// A plugin that answers every row with the same pieces.
+    struct Fixed(PluginFormatted);
+
+    impl PluginFormat for Fixed {
+        fn provides(&self, _: &str) -> bool {
+            true
+        }
+        fn format(
+            &self,
+            _: &DatasetEntry,
+            _: &serde_json::Map<String, Value>,
+        ) -> std::result::Result<PluginFormatted, String> {
+            Ok(self.0.clone())
+        }
+    }
+
+    fn formatted(answer: PluginFormatted) -> Result<TextExample> {
+        let strategy = Strategy::Plugin {
+            dataset: DatasetEntry::default(),
+            plugins: PluginFormats(std::sync::Arc::new(Fixed(answer))),
+            chat: Err(DataError::msg("no chat template")),
+        };
+        let row = Row {
+            fields: Default::default(),
+            file: std::sync::Arc::new("rows.jsonl".into()),
+            location: super::super::error::Location::Line(1),
+        };
+        match strategy.format(&row)?.remove(0) {
+            Formatted::Text(t) => Ok(t),
+            Formatted::Tokens { .. } => panic!("text expected"),
+        }
+    }
+
+    #[test]
+    fn a_plugins_eos_is_appended_only_when_asked_and_trained_with_the_last_piece() {
+        let segment = |text: &str, train| Segment {
+            text: text.into(),
+            train,
+        };
+        let mut answer = PluginFormatted::from_pieces([("Q: ", false), ("A", true)]);
+        assert_eq!(formatted(answer.clone()).unwrap().append_eos, Some(true));
+        answer.segments.push(segment(" (end)", false));
+        assert_eq!(formatted(answer.clone()).unwrap().append_eos, Some(false));
+        answer.append_eos = false;
+        assert_eq!(formatted(answer.clone()).unwrap().append_eos, None);
+        answer.base = Some("chat_template".into());
+        let err = formatted(answer.clone()).unwrap_err();
+        assert!(err.to_string().contains("no chat template"), "{err}");
+        answer.base = Some("alpaca".into());
+        let err = formatted(answer).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a built-in type a plugin can build on"),
+            "{err}"
+        );
     }
 }
