@@ -267,8 +267,8 @@ impl PluginManager {
     }
 
     /// Instances of their own of the plugins that provide dataset types, configured for
-    /// `run`, to format rows (from any thread, one row at a time); `None` when no plugin
-    /// provides one.
+    /// `run`, to format rows: one set per preprocessing thread, so that rows are formatted in
+    /// parallel; `None` when no plugin provides one.
     pub fn strategy_plugins(
         &self,
         base_dir: &std::path::Path,
@@ -284,17 +284,22 @@ impl PluginManager {
         if specs.is_empty() {
             return Ok(None);
         }
-        let mut manager = PluginManager::load(&specs, base_dir, output_dir).map_err(|errors| {
-            errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })?;
-        manager
-            .configure(run, &mut Services::default())
-            .map_err(|e| e.to_string())?;
-        Ok(Some(StrategyPlugins(std::sync::Mutex::new(manager))))
+        let mut sets = Vec::new();
+        for _ in 0..rayon::current_num_threads().max(1) {
+            let mut manager =
+                PluginManager::load(&specs, base_dir, output_dir).map_err(|errors| {
+                    errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })?;
+            manager
+                .configure(run, &mut Services::default())
+                .map_err(|e| e.to_string())?;
+            sets.push(std::sync::Mutex::new(manager));
+        }
+        Ok(Some(StrategyPlugins(sets)))
     }
 
     /// A hash of the code of the plugins that shape prepared data (those that provide
@@ -608,21 +613,33 @@ impl PluginManager {
 }
 
 /// The plugins that provide dataset types, as the data pipeline reaches them.
-pub struct StrategyPlugins(std::sync::Mutex<PluginManager>);
+pub struct StrategyPlugins(Vec<std::sync::Mutex<PluginManager>>);
+
+impl StrategyPlugins {
+    /// A free set of instances (or, when every set is busy, the calling thread's own).
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, PluginManager>, String> {
+        for set in &self.0 {
+            if let Ok(guard) = set.try_lock() {
+                return Ok(guard);
+            }
+        }
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::thread::current().id().hash(&mut hasher);
+        self.0[hasher.finish() as usize % self.0.len()]
+            .lock()
+            .map_err(|_| "a plugin failed while formatting another row".to_string())
+    }
+}
 
 impl crate::data::strategy::PluginFormat for StrategyPlugins {
     fn provides(&self, dataset_type: &str) -> bool {
-        self.0
-            .lock()
+        self.lock()
             .is_ok_and(|m| m.strategy_provider(dataset_type).is_some())
     }
 
     fn format(&self, dataset: &DatasetEntry, row: &Row) -> Result<Formatted, String> {
-        let mut manager = self
-            .0
-            .lock()
-            .map_err(|_| "a plugin failed while formatting another row".to_string())?;
-        manager
+        self.lock()?
             .format_example(dataset, row, &mut Services::default())
             .map_err(|e| e.to_string())
     }
