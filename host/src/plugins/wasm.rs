@@ -411,7 +411,7 @@ impl WasmPlugin {
             .instantiate_pre(&component)
             .and_then(PluginPre::new)
             .map_err(|e| {
-                format!("is not an axl plugin component for the world axl:plugin/plugin@0.1.0, or imports what axl does not offer: {e:#}")
+                format!("is not an axl plugin component for the world axl:plugin/plugin@0.2.0, or imports what axl does not offer: {e:#}")
             })?;
         let mut plugin = Self {
             manifest: Manifest {
