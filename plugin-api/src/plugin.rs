@@ -52,6 +52,16 @@ pub trait Host {
     fn tokenize(&mut self, text: &str) -> Result<Vec<u32>, PluginError>;
     /// Text of token ids.
     fn detokenize(&mut self, ids: &[u32]) -> Result<String, PluginError>;
+    /// Token ids of `text`, with the tokenizer's special tokens (BOS) when
+    /// `add_special_tokens`, as `tokenizer(text)` does in transformers.
+    fn encode(&mut self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PluginError> {
+        if add_special_tokens {
+            return Err(PluginError::new(
+                "this host does not tokenize with special tokens",
+            ));
+        }
+        self.tokenize(text)
+    }
     /// A parameter's current values, by name, as `f32`.
     fn parameter(&mut self, name: &str) -> Result<TensorView<'_>, PluginError>;
     /// Log-likelihoods of continuations under the current model.

@@ -289,6 +289,13 @@ pub enum HostCall {
         /// The text.
         text: String,
     },
+    /// [`Host::encode`].
+    Encode {
+        /// The text.
+        text: String,
+        /// With the tokenizer's special tokens.
+        add_special_tokens: bool,
+    },
     /// [`Host::detokenize`].
     Detokenize {
         /// The ids.
@@ -332,6 +339,10 @@ pub fn serve_host(host: &mut dyn Host, call: &str) -> Result<String, PluginError
         HostCall::Metric { name, value } => encode(&host.metric(&name, value)),
         HostCall::Tokenize { text } => encode(&host.tokenize(&text)?),
         HostCall::Detokenize { ids } => encode(&host.detokenize(&ids)?),
+        HostCall::Encode {
+            text,
+            add_special_tokens,
+        } => encode(&host.encode(&text, add_special_tokens)?),
         HostCall::Score { requests } => encode(&host.score(&requests)?),
         HostCall::Generate { request } => encode(&host.generate(&request)?),
         HostCall::UseModel { model } => encode(&host.use_model(&model)?),
@@ -387,6 +398,13 @@ impl<C: HostChannel> Host for RemoteHost<C> {
 
     fn detokenize(&mut self, ids: &[u32]) -> Result<String, PluginError> {
         self.ask(&HostCall::Detokenize { ids: ids.to_vec() })
+    }
+
+    fn encode(&mut self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PluginError> {
+        self.ask(&HostCall::Encode {
+            text: text.to_string(),
+            add_special_tokens,
+        })
     }
 
     fn parameter(&mut self, name: &str) -> Result<TensorView<'_>, PluginError> {

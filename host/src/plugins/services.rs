@@ -123,6 +123,12 @@ impl Host for PluginHost<'_, '_> {
             .map_err(|e| PluginError::new(e.to_string()))
     }
 
+    fn encode(&mut self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, PluginError> {
+        self.tokenizer()?
+            .encode(text, add_special_tokens)
+            .map_err(|e| PluginError::new(e.to_string()))
+    }
+
     fn parameter(&mut self, name: &str) -> Result<TensorView<'_>, PluginError> {
         let (shape, values) = self.model()?.parameter(name).map_err(PluginError::new)?;
         self.services.shape = shape;

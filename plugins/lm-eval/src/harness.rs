@@ -1,10 +1,10 @@
 //! Running tasks against the model behind the host services, as lm-evaluation-harness's `hf`
 //! model does, and scoring them.
 //!
-//! Requests are made the way lm-eval makes them: the context and the continuation are
-//! tokenized without special tokens (lm-eval's default for causal models), trailing spaces of
-//! the context move to the continuation, and the continuation's ids are the tail of the ids of
-//! the whole text. `acc` picks the choice of highest log-likelihood, `acc_norm` the highest
+//! Requests are made the way lm-eval (0.4.11) makes them: text is tokenized as the tokenizer
+//! does by default, with its special tokens (BOS), unless it already starts with the BOS
+//! text (a chat template's output); trailing spaces of the context move to the
+//! continuation, and the continuation's ids are the tail of the ids of the whole text. `acc` picks the choice of highest log-likelihood, `acc_norm` the highest
 //! per character of the choice; `exact_match` compares the generation, cut at the first stop
 //! string, with the reference. Standard errors are the sample standard deviation over
 //! `√n`.
@@ -76,19 +76,46 @@ pub fn exact_match(
     Ok(clean(prediction)? == clean(reference)?)
 }
 
-/// lm-eval's split of a request into context and continuation ids.
-fn encode_pair(
-    host: &mut dyn Host,
-    context: &str,
-    continuation: &str,
-) -> Result<(Vec<u32>, Vec<u32>), PluginError> {
-    let kept = context.trim_end_matches(' ');
-    let moved = &context[kept.len()..];
-    let continuation = format!("{moved}{continuation}");
-    let whole = host.tokenize(&format!("{kept}{continuation}"))?;
-    let context_ids = host.tokenize(kept)?;
-    let split = context_ids.len().min(whole.len());
-    Ok((context_ids, whole[split..].to_vec()))
+/// Tokenizes as lm-eval's `hf` model does: with the tokenizer's special tokens, unless the
+/// text already starts with its BOS text.
+struct Encoder {
+    bos_text: Option<String>,
+}
+
+impl Encoder {
+    fn new(host: &mut dyn Host) -> Result<Self, PluginError> {
+        let bos = host.encode("", true)?;
+        let bos_text = if bos.is_empty() {
+            None
+        } else {
+            Some(host.detokenize(&bos)?).filter(|t| !t.is_empty())
+        };
+        Ok(Self { bos_text })
+    }
+
+    fn encode(&self, host: &mut dyn Host, text: &str) -> Result<Vec<u32>, PluginError> {
+        let has_bos = self
+            .bos_text
+            .as_deref()
+            .is_some_and(|b| text.starts_with(b));
+        host.encode(text, !has_bos)
+    }
+
+    /// lm-eval's split of a request into context and continuation ids.
+    fn pair(
+        &self,
+        host: &mut dyn Host,
+        context: &str,
+        continuation: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>), PluginError> {
+        let kept = context.trim_end_matches(' ');
+        let moved = &context[kept.len()..];
+        let continuation = format!("{moved}{continuation}");
+        let whole = self.encode(host, &format!("{kept}{continuation}"))?;
+        let context_ids = self.encode(host, kept)?;
+        let split = context_ids.len().min(whole.len());
+        Ok((context_ids, whole[split..].to_vec()))
+    }
 }
 
 /// The prompt of a document as the model sees it.
@@ -119,6 +146,7 @@ pub fn run(
     host: &mut dyn Host,
 ) -> Result<TaskResult, PluginError> {
     let mut per_metric: Vec<Vec<f64>> = vec![Vec::new(); task.metrics.len()];
+    let encoder = Encoder::new(host)?;
     let at = |i: usize, e: String| PluginError::new(format!("{}: document {i}: {e}", task.name));
     match task.output_type {
         OutputType::MultipleChoice => {
@@ -131,7 +159,7 @@ pub fn run(
                 for choice in &choices {
                     let continuation = format!("{}{choice}", task.target_delimiter);
                     let (context_ids, continuation_ids) =
-                        encode_pair(host, &context, &continuation)?;
+                        encoder.pair(host, &context, &continuation)?;
                     requests.push(ScoreRequest {
                         context: context.clone(),
                         continuation,
@@ -196,7 +224,7 @@ pub fn run(
             for (i, doc) in task.docs.iter().enumerate() {
                 let context = prompt(task, i, n, style, host)?;
                 let references = task.references(doc).map_err(|e| at(i, e))?;
-                let prompt_ids = host.tokenize(&context)?;
+                let prompt_ids = encoder.encode(host, &context)?;
                 let generated = host.generate(&GenerateRequest {
                     prompt: context,
                     max_new_tokens: task.max_gen_toks,
