@@ -227,11 +227,14 @@ impl ModelServices for CommandModel<'_> {
         self.get()?.generate(request)
     }
 
-    fn tokenizer(&self) -> Option<&ModelTokenizer> {
-        self.get().ok().map(|l| l.tokenizer)
+    fn tokenizer(&self) -> Result<&ModelTokenizer, String> {
+        self.get().map(|l| l.tokenizer)
     }
 
     fn choose(&self, model: &str) -> Result<(), String> {
+        if let Some(Err(e)) = self.loaded.get() {
+            return Err(format!("the model could not be loaded: {e}"));
+        }
         if self.loaded.get().is_some() && self.choice.borrow().as_deref() != Some(model) {
             return Err(format!(
                 "cannot switch to `{model}`: the command already used another model"

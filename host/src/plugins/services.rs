@@ -17,8 +17,8 @@ pub trait ModelServices {
     /// Generated text.
     fn generate(&self, request: &GenerateRequest) -> Result<String, String>;
     /// The model's tokenizer, where the services hold one of their own.
-    fn tokenizer(&self) -> Option<&ModelTokenizer> {
-        None
+    fn tokenizer(&self) -> Result<&ModelTokenizer, String> {
+        Err("no tokenizer is loaded yet at this hook".into())
     }
     /// Switches to another model (a directory or Hub id), where the services allow it.
     fn choose(&self, model: &str) -> Result<(), String> {
@@ -78,10 +78,10 @@ impl PluginHost<'_, '_> {
         if let Some(tokenizer) = self.services.tokenizer {
             return Ok(tokenizer);
         }
-        self.services
-            .model
-            .and_then(|m| m.tokenizer())
-            .ok_or_else(|| PluginError::new("no tokenizer is loaded yet at this hook"))
+        match self.services.model {
+            Some(model) => model.tokenizer().map_err(PluginError::new),
+            None => Err(PluginError::new("no tokenizer is loaded yet at this hook")),
+        }
     }
 
     fn model(&self) -> Result<&dyn ModelServices, PluginError> {
@@ -198,8 +198,8 @@ impl LoadedModel<'_> {
 }
 
 impl ModelServices for LoadedModel<'_> {
-    fn tokenizer(&self) -> Option<&ModelTokenizer> {
-        Some(self.tokenizer)
+    fn tokenizer(&self) -> Result<&ModelTokenizer, String> {
+        Ok(self.tokenizer)
     }
 
     fn parameter(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {

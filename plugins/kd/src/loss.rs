@@ -85,44 +85,42 @@ fn position(
     let vocab = logits.len();
     let mut loss = 0.0;
     if let Some((ids, logprobs)) = target.filter(|_| settings.kd_alpha != 0.0) {
-        let valid: Vec<(usize, f64)> = ids
-            .iter()
-            .zip(logprobs)
-            .filter_map(|(&id, lp)| lp.map(|lp| (id as usize, lp)))
-            .collect();
-        if let Some(&(id, _)) = valid.iter().find(|(id, _)| *id >= vocab) {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(format!(
                 "the teacher's token id {id} is outside the student's vocabulary of {vocab}"
             ));
         }
+        // Entries whose teacher probability is 0 add nothing to the divergence, but with
+        // kd_normalize_topk they still share the student's normalization, as in Axolotl.
+        let valid: Vec<usize> = (0..ids.len()).filter(|&k| logprobs[k].is_some()).collect();
         if !valid.is_empty() {
             let t = settings.temperature;
             let z = |v: usize| f64::from(logits[v]) / t;
-            let gathered: Vec<f64> = valid.iter().map(|&(id, _)| z(id)).collect();
+            let gathered: Vec<f64> = ids.iter().map(|&id| z(id as usize)).collect();
             let norm = if settings.normalize_topk {
                 log_sum_exp(gathered.iter().copied())
             } else {
                 log_sum_exp((0..vocab).map(z))
             };
-            let s: Vec<f64> = gathered.iter().map(|g| g - norm).collect();
-            let teacher: Vec<f64> = valid.iter().map(|v| v.1).collect();
+            let s: Vec<f64> = valid.iter().map(|&k| gathered[k] - norm).collect();
+            let teacher: Vec<f64> = valid.iter().filter_map(|&k| logprobs[k]).collect();
             let (kd, g) = divergence(&s, &teacher, settings.beta);
             let weight = settings.kd_alpha * t * t;
             loss += weight * kd;
             // d/dx = d/dz / T.
             let factor = weight * scale / t;
             let total: f64 = g.iter().sum();
+            for (&k, &g) in valid.iter().zip(&g) {
+                grad[ids[k] as usize] += (factor * g) as f32;
+            }
             if settings.normalize_topk {
-                for ((&(id, _), &g), &gathered) in valid.iter().zip(&g).zip(&gathered) {
+                for (&id, &gathered) in ids.iter().zip(&gathered) {
                     let q = (gathered - norm).exp();
-                    grad[id] += (factor * (g - total * q)) as f32;
+                    grad[id as usize] -= (factor * total * q) as f32;
                 }
             } else {
                 for (v, out) in grad.iter_mut().enumerate() {
                     *out -= (factor * total * (z(v) - norm).exp()) as f32;
-                }
-                for (&(id, _), &g) in valid.iter().zip(&g) {
-                    grad[id] += (factor * g) as f32;
                 }
             }
         }
@@ -173,6 +171,12 @@ pub fn kd_loss(
     settings: &KdSettings,
 ) -> Result<f64, PluginError> {
     let vocab = *logits.shape.last().unwrap_or(&0);
+    if vocab == 0 {
+        return Err(PluginError::new(format!(
+            "logits of shape {:?} have no vocabulary",
+            logits.shape
+        )));
+    }
     let positions = batch.rows * batch.len;
     if logits.data.len() != positions * vocab || grad.len() != logits.data.len() {
         return Err(PluginError::new(format!(

@@ -108,7 +108,7 @@ impl Encoder {
         context: &str,
         continuation: &str,
     ) -> Result<(Vec<u32>, Vec<u32>), PluginError> {
-        let kept = context.trim_end_matches(' ');
+        let kept = context.trim_end();
         let moved = &context[kept.len()..];
         let continuation = format!("{moved}{continuation}");
         let whole = self.encode(host, &format!("{kept}{continuation}"))?;
@@ -157,7 +157,13 @@ pub fn run(
                 let choices = task.doc_to_choice(doc).map_err(|e| at(i, e))?;
                 let gold = task.gold_indices(doc, &choices).map_err(|e| at(i, e))?;
                 for choice in &choices {
-                    let continuation = format!("{}{choice}", task.target_delimiter);
+                    // lm-eval drops the delimiter after a chat template's assistant prompt.
+                    let delimiter = if style.chat_template {
+                        ""
+                    } else {
+                        task.target_delimiter.as_str()
+                    };
+                    let continuation = format!("{delimiter}{choice}");
                     let (context_ids, continuation_ids) =
                         encoder.pair(host, &context, &continuation)?;
                     requests.push(ScoreRequest {

@@ -60,6 +60,19 @@ fn call(
     Ok((response.status, json))
 }
 
+/// A name as one segment of a URL path (everything but unreserved characters escaped).
+fn segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn failed(what: &str, status: u16, answer: &serde_json::Value) -> PluginError {
     let detail = answer
         .get("message")
@@ -131,14 +144,18 @@ impl CloudRun {
             link: String::new(),
             declared: BTreeSet::new(),
         };
-        let project_path = format!("/project/{}/{}", this.workspace, this.project);
+        let project_path = format!(
+            "/project/{}/{}",
+            segment(&this.workspace),
+            segment(&this.project)
+        );
         let (mut status, mut project) =
             call(host, "GET", &this.url(&project_path), this.session(), None)?;
         if status == 404 {
             let (created, answer) = call(
                 host,
                 "POST",
-                &this.url(&format!("/projects/{}", this.workspace)),
+                &this.url(&format!("/projects/{}", segment(&this.workspace))),
                 this.session(),
                 Some(json!({"name": this.project, "visibility": "PRIVATE"})),
             )?;
@@ -188,7 +205,9 @@ impl CloudRun {
     fn run_path(&self, what: &str) -> String {
         self.url(&format!(
             "/project/{}/{}/runs/{}/{what}",
-            self.workspace, self.project, self.experiment_id
+            segment(&self.workspace),
+            segment(&self.project),
+            segment(&self.experiment_id)
         ))
     }
 
@@ -243,13 +262,17 @@ impl CloudRun {
                 (
                     self.url(&format!(
                         "/projects/{}/{}/series",
-                        self.workspace, self.project
+                        segment(&self.workspace),
+                        segment(&self.project)
                     )),
                     json!({"series": columns}),
                 )
             } else {
                 (
-                    self.url(&format!("/experiment/{}/columns", self.experiment_id)),
+                    self.url(&format!(
+                        "/experiment/{}/columns",
+                        segment(&self.experiment_id)
+                    )),
                     json!(columns),
                 )
             };

@@ -75,6 +75,7 @@ pub struct SwanLabPlugin {
     settings: Option<Settings>,
     run: Option<Tracking>,
     info: lark::RunInfo,
+    failed_uploads: usize,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -97,9 +98,26 @@ fn normalize_host(host: &str) -> String {
 
 /// Config keys never sent as hyperparameters.
 fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
     ["api_key", "secret", "token", "password", "webhook"]
         .iter()
         .any(|s| key.contains(s))
+}
+
+/// `value` without its secret keys, at any depth.
+fn without_secrets(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.iter()
+                .filter(|(k, _)| !is_secret(k))
+                .map(|(k, v)| (k.clone(), without_secrets(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(without_secrets).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 fn schema() -> serde_json::Map<String, serde_json::Value> {
@@ -183,13 +201,10 @@ impl Settings {
                 "swanlab_lark_webhook_url without swanlab_lark_secret: notifications are unsigned",
             );
         }
-        let mut hyperparameters: serde_json::Map<String, serde_json::Value> = config
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, _)| !is_secret(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut hyperparameters = match without_secrets(config) {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
         hyperparameters.insert("UPPERFRAME".into(), json!("axl"));
         Ok(Some(Self {
             mode,
@@ -337,11 +352,20 @@ impl SwanLabPlugin {
             return Ok(());
         }
         let now = UtcTime::now().iso8601();
-        match &mut self.run {
+        let logged = match &mut self.run {
             Some(Tracking::Cloud(run)) => run.log(step, &values, &now, host),
             Some(Tracking::Local(run)) => run.log(step, &values, &now),
             None => Ok(()),
+        };
+        // A lost upload is reported, and training goes on.
+        if let Err(e) = logged {
+            self.failed_uploads += 1;
+            host.log(
+                LogLevel::Warn,
+                &format!("step {step} was not recorded: {e}"),
+            );
         }
+        Ok(())
     }
 
     fn finish(&mut self, error: Option<&str>, host: &mut dyn Host) -> Result<(), PluginError> {
@@ -466,6 +490,9 @@ mod tests {
         assert_eq!(s.web_host, "https://swan.internal:8000");
         assert!(!s.hyperparameters.contains_key("swanlab_api_key"));
         assert!(!s.hyperparameters.contains_key("swanlab_lark_secret"));
+        let nested =
+            without_secrets(&json!({"datasets": [{"path": "x", "HF_TOKEN": "t"}], "Api_Key": 1}));
+        assert_eq!(nested, json!({"datasets": [{"path": "x"}]}));
         assert_eq!(s.hyperparameters["swanlab_project"], "p");
         let off = Settings::read(
             &run(json!({"swanlab_project": "p", "swanlab_mode": "disabled"})),
