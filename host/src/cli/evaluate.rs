@@ -10,7 +10,6 @@ use crate::model::resolve::HubSettings;
 use crate::model::{lora, LoadOptions};
 use crate::setup;
 use crate::train::plan::{micro_batches, TrainSettings};
-use crate::train::step;
 
 /// The file `axl evaluate` writes in `output_dir`.
 pub const EVAL_RESULTS_FILE: &str = "eval_results.json";
@@ -50,23 +49,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let pad_id = tokenizer.padding_id();
     let refs: Vec<_> = eval.iter().collect();
     let batches = micro_batches(&refs, &settings, settings.eval_sample_packing, pad_id);
-    let (eval_loss, eval_tokens) = if plugins.has(axl_plugin_api::Hook::ComputeLoss) {
-        let mut hooks = super::plugins::PluginLoop::new(&mut plugins, Some(&tokenizer));
-        let mut loss_hook = |logits: &candle_core::Tensor,
-                             batch: &crate::data::packing::Batch,
-                             trained_tokens: usize| {
-            crate::train::hooks::loss_through_hooks(
-                &mut hooks,
-                &model,
-                logits,
-                batch,
-                trained_tokens,
-            )
-        };
-        step::evaluate(&model, &batches, Some(&mut loss_hook))?
-    } else {
-        step::evaluate(&model, &batches, None)?
-    };
+    let mut hooks = super::plugins::PluginLoop::new(&mut plugins, Some(&tokenizer));
+    let (eval_loss, eval_tokens) = crate::train::hooks::evaluate(&mut hooks, &model, &batches)?;
     let output_dir = cfg.output_dir();
     std::fs::create_dir_all(&output_dir)
         .with_context(|| format!("creating {}", output_dir.display()))?;

@@ -231,7 +231,9 @@ pub fn load(dir: &Path) -> Result<Option<Prepared>> {
         };
         let fields = if encoding & WITH_FIELDS != 0 {
             let n = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-            Some(serde_json::from_slice(take(n)?).map_err(|_| corrupt("bad example fields"))?)
+            let fields =
+                serde_json::from_slice(take(n)?).map_err(|_| corrupt("bad example fields"))?;
+            Some(std::sync::Arc::new(fields))
         } else {
             None
         };

@@ -72,9 +72,10 @@ pub struct Tokenized {
     pub input_ids: Vec<u32>,
     /// Labels: the id where trained, −100 elsewhere.
     pub labels: Vec<i64>,
-    /// Values a plugin kept with the example for its loss.
+    /// Values a plugin kept with the example for its loss (shared by the batches that hold
+    /// the example).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fields: Option<serde_json::Map<String, serde_json::Value>>,
+    pub fields: Option<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl Tokenized {
@@ -243,7 +244,7 @@ pub fn tokenize(
     let all = Tokenized {
         input_ids,
         labels,
-        fields: example.fields,
+        fields: example.fields.map(std::sync::Arc::new),
     };
     if !example.chunk || sequence_len == 0 {
         return Ok(vec![all]);

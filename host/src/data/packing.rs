@@ -35,13 +35,26 @@ pub fn packing_efficiency(lengths: &[usize], bins: &[Vec<usize>], capacity: usiz
     used as f64 / (bins.len().max(1) * capacity) as f64
 }
 
+/// Where an example lies in a batch, with the fields a plugin kept with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExamplePlace {
+    /// The row.
+    pub row: usize,
+    /// Its first position in the row.
+    pub start: usize,
+    /// Its tokens.
+    pub len: usize,
+    /// The plugin's fields, shared with the example.
+    pub fields: Option<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
+}
+
 /// Where `example` lies in a batch: `row`, from position `start`.
-fn span(example: &Tokenized, row: usize, start: usize) -> ExampleSpan {
-    ExampleSpan {
+fn span(example: &Tokenized, row: usize, start: usize) -> ExamplePlace {
+    ExamplePlace {
         row,
         start,
         len: example.len(),
-        fields: example.fields.clone().unwrap_or_default(),
+        fields: example.fields.clone(),
     }
 }
 
@@ -55,7 +68,7 @@ pub struct Batch {
     /// For packed rows: where each sequence lies.
     pub layout: Option<PackedLayout>,
     /// Where each example lies, with the fields a plugin kept with it.
-    pub examples: Vec<ExampleSpan>,
+    pub examples: Vec<ExamplePlace>,
 }
 
 impl Batch {

@@ -72,7 +72,16 @@ fn loss_batch(batch: &Batch, trained_tokens: usize) -> LossBatch {
         rows: batch.input_ids.len(),
         len: batch.input_ids.first().map_or(0, Vec::len),
         normalizer: trained_tokens as f64,
-        examples: batch.examples.clone(),
+        examples: batch
+            .examples
+            .iter()
+            .map(|e| axl_plugin_api::payload::ExampleSpan {
+                row: e.row,
+                start: e.start,
+                len: e.len,
+                fields: e.fields.as_deref().cloned().unwrap_or_default(),
+            })
+            .collect(),
     }
 }
 
@@ -102,4 +111,20 @@ pub fn loss_through_hooks(
     let grad =
         Tensor::from_vec(grad, shape.as_slice(), model.device())?.to_dtype(logits.dtype())?;
     Ok(Some((loss, grad)))
+}
+
+/// Evaluation loss over `batches` (see [`crate::train::step::evaluate`]), through a
+/// `compute_loss` plugin when one is loaded.
+pub fn evaluate(
+    hooks: &mut dyn LoopHooks,
+    model: &CausalLm,
+    batches: &[Batch],
+) -> Result<(f64, usize), ModelError> {
+    if !hooks.wants(Hook::ComputeLoss) {
+        return super::step::evaluate(model, batches, None);
+    }
+    let mut loss_hook = |logits: &Tensor, batch: &Batch, trained_tokens: usize| {
+        loss_through_hooks(hooks, model, logits, batch, trained_tokens)
+    };
+    super::step::evaluate(model, batches, Some(&mut loss_hook))
 }

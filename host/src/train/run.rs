@@ -467,17 +467,7 @@ pub fn run(model: &mut CausalLm, inputs: RunInputs<'_>) -> Result<RunReport, Mod
                 || (eval_each_epoch && (end_of_epoch || last));
             if eval_now {
                 model.set_dropout(None);
-                let (eval_loss, eval_tokens) = if hooks.wants(Hook::ComputeLoss) {
-                    let mut loss_hook =
-                        |logits: &candle_core::Tensor,
-                         batch: &crate::data::packing::Batch,
-                         trained_tokens: usize| {
-                            loss_through_hooks(hooks, model, logits, batch, trained_tokens)
-                        };
-                    step::evaluate(model, &eval_batches, Some(&mut loss_hook))?
-                } else {
-                    step::evaluate(model, &eval_batches, None)?
-                };
+                let (eval_loss, eval_tokens) = super::hooks::evaluate(hooks, model, &eval_batches)?;
                 let entry = json!({
                     "step": progress.global_step,
                     "epoch": progress.epoch,

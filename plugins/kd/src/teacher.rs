@@ -12,6 +12,7 @@
 //! to `temperature / kd_temperature` and normalized again.
 
 use axl_sdk::prelude::*;
+use serde::Deserialize;
 
 /// One example's teacher targets, one entry per position the teacher scored.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -196,9 +197,9 @@ impl TeacherTargets {
             return Ok(None);
         };
         let bad = || PluginError::new("malformed teacher targets kept with an example");
-        let ids: Vec<Vec<u32>> = serde_json::from_value(ids.clone()).map_err(|_| bad())?;
-        let logprobs: Vec<Vec<Option<f64>>> =
-            serde_json::from_value(logprobs.clone()).map_err(|_| bad())?;
+        // Read in place: the fields are large and read every micro-step.
+        let ids = Vec::<Vec<u32>>::deserialize(ids).map_err(|_| bad())?;
+        let logprobs = Vec::<Vec<Option<f64>>>::deserialize(logprobs).map_err(|_| bad())?;
         if ids.len() != logprobs.len() || ids.iter().zip(&logprobs).any(|(i, l)| i.len() != l.len())
         {
             return Err(bad());

@@ -101,20 +101,24 @@ impl Encoder {
         host.encode(text, !has_bos)
     }
 
-    /// lm-eval's split of a request into context and continuation ids.
-    fn pair(
+    /// lm-eval's context ids of a request: the text without its trailing whitespace, which
+    /// goes with every continuation.
+    fn context(&self, host: &mut dyn Host, context: &str) -> Result<Vec<u32>, PluginError> {
+        self.encode(host, context.trim_end())
+    }
+
+    /// The ids of `continuation` after `context` (whose ids [`Encoder::context`] gave): the
+    /// tail of the ids of the whole text.
+    fn continuation(
         &self,
         host: &mut dyn Host,
         context: &str,
+        context_ids: &[u32],
         continuation: &str,
-    ) -> Result<(Vec<u32>, Vec<u32>), PluginError> {
-        let kept = context.trim_end();
-        let moved = &context[kept.len()..];
-        let continuation = format!("{moved}{continuation}");
-        let whole = self.encode(host, &format!("{kept}{continuation}"))?;
-        let context_ids = self.encode(host, kept)?;
+    ) -> Result<Vec<u32>, PluginError> {
+        let whole = self.encode(host, &format!("{context}{continuation}"))?;
         let split = context_ids.len().min(whole.len());
-        Ok((context_ids, whole[split..].to_vec()))
+        Ok(whole[split..].to_vec())
     }
 }
 
@@ -156,6 +160,7 @@ pub fn run(
                 let context = prompt(task, i, n, style, host)?;
                 let choices = task.doc_to_choice(doc).map_err(|e| at(i, e))?;
                 let gold = task.gold_indices(doc, &choices).map_err(|e| at(i, e))?;
+                let context_ids = encoder.context(host, &context)?;
                 for choice in &choices {
                     // lm-eval drops the delimiter after a chat template's assistant prompt.
                     let delimiter = if style.chat_template {
@@ -164,12 +169,12 @@ pub fn run(
                         task.target_delimiter.as_str()
                     };
                     let continuation = format!("{delimiter}{choice}");
-                    let (context_ids, continuation_ids) =
-                        encoder.pair(host, &context, &continuation)?;
+                    let continuation_ids =
+                        encoder.continuation(host, &context, &context_ids, &continuation)?;
                     requests.push(ScoreRequest {
                         context: context.clone(),
                         continuation,
-                        context_ids: (!context_ids.is_empty()).then_some(context_ids),
+                        context_ids: (!context_ids.is_empty()).then(|| context_ids.clone()),
                         continuation_ids: Some(continuation_ids),
                     });
                 }
