@@ -20,6 +20,7 @@ use axl_plugin_grokfast as _;
 use axl_plugin_kd as _;
 use axl_plugin_liger as _;
 use axl_plugin_lm_eval as _;
+use axl_plugin_prompt_strategies as _;
 use axl_plugin_rewards as _;
 use axl_plugin_spectrum as _;
 use axl_plugin_swanlab as _;

@@ -35,7 +35,8 @@ pub struct DatasetEntry {
     pub config: serde_json::Value,
 }
 
-/// What `format_example` makes of a row: text pieces, each trained or not.
+/// What `format_example` makes of a row: text pieces, each trained or not. An answer with
+/// no segments (and no `base`) makes no example: the row is skipped.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Formatted {
     /// The pieces, concatenated in order to form the example's text.
@@ -46,6 +47,13 @@ pub struct Formatted {
     /// Append the tokenizer's EOS token (trained when the last segment is).
     #[serde(default = "yes")]
     pub append_eos: bool,
+    /// Train on every token, the special ones (BOS) included, as `train_on_inputs` does.
+    #[serde(default)]
+    pub train_all: bool,
+    /// Cut the tokens into consecutive examples of `sequence_len` instead of leaving one long
+    /// example to `excess_length_strategy` (as `completion` does).
+    #[serde(default)]
+    pub chunk: bool,
     /// Format the row with this built-in dataset type instead (`chat_template`), with the
     /// entry's own settings; `segments` and the two flags above are then unused.
     #[serde(default)]
@@ -82,9 +90,16 @@ impl Formatted {
                 .collect(),
             add_special_tokens: true,
             append_eos: true,
+            train_all: false,
+            chunk: false,
             base: None,
             fields: Row::new(),
         }
+    }
+
+    /// No example: the row is skipped.
+    pub fn nothing() -> Self {
+        Self::default()
     }
 
     /// The row formatted by the built-in dataset type `base`, with `fields` kept beside it.
@@ -93,6 +108,8 @@ impl Formatted {
             segments: Vec::new(),
             add_special_tokens: true,
             append_eos: true,
+            train_all: false,
+            chunk: false,
             base: Some(base.to_string()),
             fields,
         }

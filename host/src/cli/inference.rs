@@ -6,10 +6,12 @@ use std::io::{IsTerminal, Read, Write};
 use anyhow::{bail, Context};
 
 use super::InferenceArgs;
+use axl_plugin_prompt_strategies::instruct::InstructStrategy;
+
 use crate::chat_template::{self, ChatTemplate, Message, SpecialTokens};
 use crate::config::LoadedConfig;
 use crate::data::config::DatasetType;
-use crate::data::instruct::InstructStrategy;
+use crate::data::strategy::{entry_as_configured, DatasetEntry, USER_DEFINED};
 use crate::model::generate::{Decoder, SamplingParams, TextStream};
 use crate::model::resolve::HubSettings;
 use crate::model::tokenizer::ModelTokenizer;
@@ -76,15 +78,21 @@ fn chat_template_source(cfg: &LoadedConfig, tokenizer: &ModelTokenizer) -> anyho
         .with_context(|| format!("chat_template: built-in template `{name}` is not available yet"))
 }
 
-/// The instruction format of the first dataset, if it has one.
+/// The instruction format of the first dataset, if its type is one of the built-in
+/// instruction strategies.
 fn dataset_format(cfg: &LoadedConfig) -> Option<InstructStrategy> {
     let ds = cfg.config.datasets.as_ref()?.first()?;
-    match ds.kind.as_ref()? {
-        DatasetType::UserDefined(p) => Some(InstructStrategy::user_defined(p, false)),
-        DatasetType::Name(name) => {
-            InstructStrategy::by_name(name, ds.conversation.as_deref(), false)?.ok()
-        }
-    }
+    let name = match ds.kind.as_ref()? {
+        DatasetType::UserDefined(_) => USER_DEFINED,
+        DatasetType::Name(name) => name
+            .strip_prefix("axolotl.prompt_strategies.")
+            .unwrap_or(name),
+    };
+    let entry = DatasetEntry {
+        dataset_type: name.to_string(),
+        config: entry_as_configured(ds),
+    };
+    InstructStrategy::for_entry(&entry, false)?.ok()
 }
 
 fn prompter(

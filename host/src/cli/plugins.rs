@@ -57,7 +57,7 @@ pub fn load_config(
     let strategies = manager
         .strategy_plugins(&cfg.base_dir, &cfg.output_dir(), &run)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
-    cfg.plugin_formats = strategies.map(|s| PluginFormats(std::sync::Arc::new(s)));
+    cfg.plugin_formats = Some(PluginFormats(std::sync::Arc::new(strategies)));
     // The plugins' code and their settings shape the prepared data.
     cfg.plugin_fingerprint = format!(
         "{}|{}",

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::config::{DatasetConfig, TrainOnEnd};
 use super::error::{DataError, Result};
 use super::example::{Formatted, TextExample};
-use super::instruct::kind_of;
+use super::source::kind_of;
 use super::source::Row;
 use super::strategy::StrategyContext;
 use crate::chat_template::{self, ChatTemplate, SpecialTokens};

@@ -13,7 +13,6 @@ pub mod chat;
 pub mod config;
 pub mod example;
 pub mod hub;
-pub mod instruct;
 pub mod packing;
 pub mod pipeline;
 pub mod pretraining;

@@ -229,14 +229,19 @@ pub fn dataset_label(index: usize, ds: &DatasetConfig) -> String {
     )
 }
 
-/// What strategies need, from the settings.
+/// What strategies need, from the settings: `plugins` are the run's dataset types, axl's
+/// built-in ones alone when `None`.
 pub fn strategy_context<'a>(
     settings: &'a DataSettings,
     tokenizer: &'a ModelTokenizer,
     base_dir: &'a Path,
-    plugins: Option<&'a PluginFormats>,
-) -> StrategyContext<'a> {
-    StrategyContext {
+    plugins: Option<&PluginFormats>,
+) -> Result<StrategyContext<'a>> {
+    let plugins = match plugins {
+        Some(p) => p.clone(),
+        None => PluginFormats::builtin(settings.train_on_inputs)?,
+    };
+    Ok(StrategyContext {
         train_on_inputs: settings.train_on_inputs,
         chat_template: settings.chat_template.as_deref(),
         chat_template_jinja: settings.chat_template_jinja.as_deref(),
@@ -251,7 +256,7 @@ pub fn strategy_context<'a>(
         base_dir,
         tokenizer,
         plugins,
-    }
+    })
 }
 
 /// Prepares every dataset and merges them. Errors name the dataset, file, line and field.
@@ -291,7 +296,7 @@ pub fn prepare_files(
     base_dir: &Path,
     plugins: Option<&PluginFormats>,
 ) -> Result<(Vec<Tokenized>, Vec<DatasetReport>)> {
-    let ctx = strategy_context(settings, tokenizer, base_dir, plugins);
+    let ctx = strategy_context(settings, tokenizer, base_dir, plugins)?;
     let mut merged = Vec::new();
     let mut reports = Vec::new();
     for (index, (ds, files)) in datasets.iter().zip(files).enumerate() {

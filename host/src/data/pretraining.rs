@@ -12,7 +12,6 @@ use serde_json::Value;
 use super::config::{DatasetConfig, DatasetType};
 use super::error::{DataError, Result};
 use super::example::{tokenize, Tokenized};
-use super::instruct::text_of;
 use super::packing::Batch;
 use super::source::{self, Format, Row};
 use super::strategy::{Strategy, StrategyContext};
@@ -81,8 +80,7 @@ impl RowStream {
 /// Packed batches of a streamed dataset, in file order.
 pub struct PretrainingStream<'a> {
     rows: RowStream,
-    strategy: Option<Strategy>,
-    text_column: String,
+    strategy: Strategy,
     ctx: StrategyContext<'a>,
     capacity: usize,
     sequence_len: usize,
@@ -117,11 +115,22 @@ impl<'a> PretrainingStream<'a> {
             })
             .collect::<Result<_>>()
             .map_err(|e: DataError| e.in_dataset(&label))?;
-        let strategy = match &ds.kind {
-            None => None,
-            Some(DatasetType::Name(n)) if n == "pretrain" || n.is_empty() => None,
-            Some(_) => Some(Strategy::for_dataset(ds, &ctx).map_err(|e| e.in_dataset(&label))?),
+        let plain_text = match &ds.kind {
+            None => true,
+            Some(DatasetType::Name(n)) => n == "pretrain" || n.is_empty(),
+            Some(DatasetType::UserDefined(_)) => false,
         };
+        let strategy = if plain_text {
+            let corpus = DatasetConfig {
+                kind: Some(DatasetType::Name("completion".into())),
+                field: Some(ds.text_column.clone().unwrap_or_else(|| "text".into())),
+                ..ds.clone()
+            };
+            Strategy::for_dataset(&corpus, &ctx)
+        } else {
+            Strategy::for_dataset(ds, &ctx)
+        }
+        .map_err(|e| e.in_dataset(&label))?;
         let pad_id = ctx.tokenizer.padding_id();
         let mut stream = Self {
             rows: RowStream {
@@ -129,7 +138,6 @@ impl<'a> PretrainingStream<'a> {
                 current: None,
             },
             strategy,
-            text_column: ds.text_column.clone().unwrap_or_else(|| "text".into()),
             ctx,
             capacity: sequence_len * micro_batch_size.max(1),
             sequence_len,
@@ -152,18 +160,8 @@ impl<'a> PretrainingStream<'a> {
     }
 
     fn examples_of(&self, row: &Row) -> Result<Vec<Tokenized>> {
-        let formatted = match &self.strategy {
-            Some(s) => s.format(row)?,
-            None => {
-                let text = match row.fields.get(&self.text_column) {
-                    Some(v) => text_of(row, &self.text_column, v)?,
-                    None => return Err(row.field_error(&self.text_column, "missing")),
-                };
-                super::strategy::completion(&text).into_iter().collect()
-            }
-        };
         let mut out = Vec::new();
-        for f in formatted {
+        for f in self.strategy.format(row)? {
             out.extend(
                 tokenize(f, self.ctx.tokenizer, self.sequence_len)
                     .map_err(|e| e.at(row.file.as_path(), Some(row.location)))?,

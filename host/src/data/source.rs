@@ -338,3 +338,15 @@ pub fn shard(rows: Vec<Row>, count: usize, index: usize) -> Result<Vec<Row>> {
     let size = base + usize::from(index < extra);
     Ok(rows.into_iter().skip(start).take(size).collect())
 }
+
+/// A short name of a JSON value's kind, for messages.
+pub fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

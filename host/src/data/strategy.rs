@@ -1,4 +1,7 @@
-//! Prompt strategies by `type:`: which one a dataset uses, and how it formats a row.
+//! Prompt strategies by `type:`: which plugin formats a dataset's rows, and how its answer
+//! becomes text with trainable ranges. Every named type, axl's own included (the built-in
+//! `prompt_strategies` plugin), is served by a plugin's `format_example`; rows of a dataset
+//! without a type are pre-tokenized.
 
 use serde_json::Value;
 
@@ -6,8 +9,7 @@ use super::chat::ChatStrategy;
 use super::config::{DatasetConfig, DatasetType};
 use super::error::{DataError, Result};
 use super::example::{Formatted, TextExample};
-use super::instruct::{kind_of, text_of, InstructStrategy};
-use super::source::Row;
+use super::source::{kind_of, Row};
 use crate::model::tokenizer::ModelTokenizer;
 pub use axl_plugin_api::payload::{DatasetEntry, Formatted as PluginFormatted};
 
@@ -15,7 +17,10 @@ pub use axl_plugin_api::payload::{DatasetEntry, Formatted as PluginFormatted};
 pub trait PluginFormat: Send + Sync {
     /// Whether a plugin provides `dataset_type`.
     fn provides(&self, dataset_type: &str) -> bool;
-    /// The plugin's answer for a row of `dataset`; the error names the plugin.
+    /// Every dataset type the plugins provide, for messages.
+    fn dataset_types(&self) -> Vec<String>;
+    /// The answer for a row of `dataset` of the plugin that provides its type; the error
+    /// names the plugin.
     fn format(
         &self,
         dataset: &DatasetEntry,
@@ -26,6 +31,15 @@ pub trait PluginFormat: Send + Sync {
 /// The plugins' dataset types, shared by the threads that format rows.
 #[derive(Clone)]
 pub struct PluginFormats(pub std::sync::Arc<dyn PluginFormat>);
+
+impl PluginFormats {
+    /// axl's built-in dataset types alone (no `plugins:`), for data prepared outside a run.
+    pub fn builtin(train_on_inputs: bool) -> Result<Self> {
+        crate::plugins::builtin_strategy_plugins(train_on_inputs)
+            .map(|s| Self(std::sync::Arc::new(s)))
+            .map_err(DataError::msg)
+    }
+}
 
 impl std::fmt::Debug for PluginFormats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,29 +64,15 @@ pub struct StrategyContext<'a> {
     pub base_dir: &'a std::path::Path,
     /// The tokenizer (for its chat template and special tokens).
     pub tokenizer: &'a ModelTokenizer,
-    /// Dataset types plugins provide.
-    pub plugins: Option<&'a PluginFormats>,
+    /// The plugins that provide dataset types.
+    pub plugins: PluginFormats,
 }
 
 /// A prompt strategy.
 #[derive(Debug)]
 pub enum Strategy {
-    /// Instruction, input, response (the alpaca family and inline formats).
-    Instruct(InstructStrategy),
-    /// Raw text, trained in full, cut into `sequence_len` pieces.
-    Completion {
-        /// The text field.
-        field: String,
-    },
-    /// Segments of text, each trained or not.
-    InputOutput {
-        /// Train on every segment.
-        train_on_inputs: bool,
-    },
     /// Rows that already hold `input_ids` and `labels`.
     Pretokenized,
-    /// Conversations rendered with a chat template.
-    Chat(Box<ChatStrategy>),
     /// A dataset type a plugin provides.
     Plugin {
         /// The entry, as the plugin sees it.
@@ -81,46 +81,45 @@ pub enum Strategy {
         plugins: PluginFormats,
         /// The chat-template rendering of this entry, for a plugin that builds on it (the
         /// error only matters if one does).
-        chat: std::result::Result<Box<ChatStrategy>, DataError>,
+        chat: std::result::Result<Box<ChatStrategy>, Box<DataError>>,
     },
 }
 
 /// The built-in types a plugin's `format_example` may build on ([`PluginFormatted::base`]).
 const PLUGIN_BASES: &[&str] = &["chat_template"];
 
-/// The type names axl implements, for error messages.
-pub const KNOWN_TYPES: &[&str] = &[
-    "alpaca",
-    "alpaca:chat",
-    "alpaca:chatml",
-    "alpaca:phi",
-    "alpaca_instruct",
-    "alpaca_chat",
-    "alpaca_chat.load_qa",
-    "alpaca_chat.load_concise",
-    "alpaca_chat.load_camel_ai",
-    "alpaca_w_system",
-    "alpaca_w_system.load_instruct",
-    "alpaca_w_system.load_open_orca",
-    "orcamini",
-    "context_qa",
-    "chat_template",
-    "completion",
-    "input_output",
-];
+/// The dataset type of an inline prompt format (a `type:` mapping), as Axolotl names it.
+pub const USER_DEFINED: &str = "user_defined";
 
-/// Raw text trained in full, with the tokenizer's special tokens and EOS, cut into
-/// `sequence_len` pieces (nothing for empty text).
-pub fn completion(text: &str) -> Option<Formatted> {
-    if text.is_empty() {
-        return None;
+/// The message for a type no plugin provides, with the nearest provided name.
+fn unknown_type(name: &str, plugins: &PluginFormats) -> DataError {
+    let mut known = plugins.0.dataset_types();
+    known.sort();
+    known.dedup();
+    let nearest = if name.contains(":load_") {
+        Some(name.replace(":load_", ".load_"))
+    } else {
+        known
+            .iter()
+            .map(|k| (strsim::levenshtein(k, name), k))
+            .filter(|(d, _)| *d <= 3)
+            .min()
+            .map(|(_, k)| k.clone())
+    };
+    let hint = match nearest {
+        Some(n) => format!("; did you mean `{n}`?"),
+        None => format!("; available: {}", known.join(", ")),
+    };
+    DataError::msg(format!("unknown prompt strategy `{name}`{hint}")).field("type")
+}
+
+/// A `datasets:` entry as JSON, with only the keys it sets.
+pub fn entry_as_configured(ds: &DatasetConfig) -> Value {
+    let mut config = serde_json::to_value(ds).unwrap_or_default();
+    if let Value::Object(map) = &mut config {
+        map.retain(|_, v| !v.is_null());
     }
-    let mut example = TextExample::from_pieces(&[(text, true)]);
-    example.add_special_tokens = true;
-    example.append_eos = Some(true);
-    example.train_all = true;
-    example.chunk = true;
-    Some(Formatted::Text(example))
+    config
 }
 
 impl Strategy {
@@ -128,63 +127,26 @@ impl Strategy {
     pub fn for_dataset(ds: &DatasetConfig, ctx: &StrategyContext) -> Result<Self> {
         let name = match &ds.kind {
             None => return Ok(Self::Pretokenized),
-            Some(DatasetType::UserDefined(p)) => {
-                return Ok(Self::Instruct(InstructStrategy::user_defined(
-                    p,
-                    ctx.train_on_inputs,
-                )))
-            }
             Some(DatasetType::Name(n)) if n.is_empty() => return Ok(Self::Pretokenized),
-            Some(DatasetType::Name(n)) => n.as_str(),
+            Some(DatasetType::UserDefined(_)) => USER_DEFINED,
+            Some(DatasetType::Name(n)) => n.strip_prefix("axolotl.prompt_strategies.").unwrap_or(n),
         };
-        let name = name
-            .strip_prefix("axolotl.prompt_strategies.")
-            .unwrap_or(name);
-        match name {
-            "completion" => {
-                return Ok(Self::Completion {
-                    field: ds.field.clone().unwrap_or_else(|| "text".into()),
-                })
-            }
-            "input_output" => {
-                return Ok(Self::InputOutput {
-                    train_on_inputs: ctx.train_on_inputs,
-                })
-            }
-            "chat_template" | "chat_template.default" | "chat_template.load" => {
-                return Ok(Self::Chat(Box::new(ChatStrategy::new(ds, ctx)?)))
-            }
-            _ => {}
+        if !ctx.plugins.0.provides(name) {
+            return Err(unknown_type(name, &ctx.plugins));
         }
-        if let Some(plugins) = ctx.plugins.filter(|p| p.0.provides(name)) {
-            return Ok(Self::Plugin {
-                dataset: DatasetEntry {
-                    dataset_type: name.to_string(),
-                    config: serde_json::to_value(ds).unwrap_or_default(),
-                },
-                plugins: plugins.clone(),
-                chat: ChatStrategy::new(ds, ctx).map(Box::new),
-            });
-        }
-        if let Some(made) =
-            InstructStrategy::by_name(name, ds.conversation.as_deref(), ctx.train_on_inputs)
-        {
-            return made
-                .map(Self::Instruct)
-                .map_err(|e| DataError::msg(e).field("type"));
-        }
-        let hint = if name.contains(":load_") {
-            format!("; did you mean `{}`?", name.replace(":load_", ".load_"))
-        } else {
-            format!("; implemented: {}", KNOWN_TYPES.join(", "))
-        };
-        Err(DataError::msg(format!("unknown prompt strategy `{name}`{hint}")).field("type"))
+        Ok(Self::Plugin {
+            dataset: DatasetEntry {
+                dataset_type: name.to_string(),
+                config: entry_as_configured(ds),
+            },
+            plugins: ctx.plugins.clone(),
+            chat: ChatStrategy::new(ds, ctx).map(Box::new).map_err(Box::new),
+        })
     }
 
     /// Formats one row into zero or more examples.
     pub fn format(&self, row: &Row) -> Result<Vec<Formatted>> {
         match self {
-            Self::Instruct(s) => s.format(row).map(|f| vec![f]),
             Self::Plugin {
                 dataset,
                 plugins,
@@ -194,6 +156,9 @@ impl Strategy {
                     .0
                     .format(dataset, &row.fields)
                     .map_err(|message| row.error(message))?;
+                if answer.segments.is_empty() && answer.base.is_none() {
+                    return Ok(Vec::new());
+                }
                 let fields = (!answer.fields.is_empty()).then(|| answer.fields.clone());
                 let mut example = match answer.base.as_deref() {
                     None => {
@@ -206,6 +171,8 @@ impl Strategy {
                         example.add_special_tokens = answer.add_special_tokens;
                         let last_trained = answer.segments.last().is_some_and(|s| s.train);
                         example.append_eos = answer.append_eos.then_some(last_trained);
+                        example.train_all = answer.train_all;
+                        example.chunk = answer.chunk;
                         example
                     }
                     Some("chat_template") => match chat {
@@ -215,7 +182,7 @@ impl Strategy {
                                 return Err(row.error("a chat template made tokens, not text"))
                             }
                         },
-                        Err(e) => return Err(e.clone()),
+                        Err(e) => return Err(DataError::clone(e)),
                     },
                     Some(other) => {
                         return Err(row.error(format!(
@@ -227,47 +194,6 @@ impl Strategy {
                 };
                 example.fields = fields;
                 Ok(vec![Formatted::Text(example)])
-            }
-            Self::Completion { field } => {
-                let text = match row.fields.get(field) {
-                    Some(v) => text_of(row, field, v)?,
-                    None => return Err(row.field_error(field, "missing")),
-                };
-                Ok(completion(&text).into_iter().collect())
-            }
-            Self::InputOutput { train_on_inputs } => {
-                let segments = match row.fields.get("segments") {
-                    Some(Value::Array(s)) => s,
-                    Some(other) => {
-                        return Err(row.field_error(
-                            "segments",
-                            format!("expected a list, found {}", kind_of(other)),
-                        ))
-                    }
-                    None => return Err(row.field_error("segments", "missing")),
-                };
-                let mut pieces = Vec::with_capacity(segments.len());
-                for (i, segment) in segments.iter().enumerate() {
-                    let at = |key: &str| format!("segments[{i}].{key}");
-                    let text = match segment.get("text") {
-                        Some(v) => text_of(row, &at("text"), v)?,
-                        None => return Err(row.field_error(&at("text"), "missing")),
-                    };
-                    let label = match segment.get("label") {
-                        Some(Value::Bool(b)) => *b,
-                        Some(other) => {
-                            return Err(row.field_error(
-                                &at("label"),
-                                format!("expected true or false, found {}", kind_of(other)),
-                            ))
-                        }
-                        None => return Err(row.field_error(&at("label"), "missing")),
-                    };
-                    pieces.push((text, label || *train_on_inputs));
-                }
-                let borrowed: Vec<(&str, bool)> =
-                    pieces.iter().map(|(t, l)| (t.as_str(), *l)).collect();
-                Ok(vec![Formatted::Text(TextExample::from_pieces(&borrowed))])
             }
             Self::Pretokenized => {
                 let ids = |key: &str| -> Result<Vec<i64>> {
@@ -304,7 +230,6 @@ impl Strategy {
                     labels,
                 }])
             }
-            Self::Chat(s) => s.format(row).map(|f| vec![f]),
         }
     }
 }
@@ -321,6 +246,9 @@ mod tests {
         fn provides(&self, _: &str) -> bool {
             true
         }
+        fn dataset_types(&self) -> Vec<String> {
+            vec!["fixed".into()]
+        }
         fn format(
             &self,
             _: &DatasetEntry,
@@ -334,7 +262,7 @@ mod tests {
         let strategy = Strategy::Plugin {
             dataset: DatasetEntry::default(),
             plugins: PluginFormats(std::sync::Arc::new(Fixed(answer))),
-            chat: Err(DataError::msg("no chat template")),
+            chat: Err(Box::new(DataError::msg("no chat template"))),
         };
         let row = Row {
             fields: Default::default(),

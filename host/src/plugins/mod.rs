@@ -266,23 +266,33 @@ impl PluginManager {
         }
     }
 
-    /// Instances of their own of the plugins that provide dataset types, configured for
-    /// `run`, to format rows: one set per preprocessing thread, so that rows are formatted in
-    /// parallel; `None` when no plugin provides one.
+    /// Instances of their own of the plugins that provide dataset types, followed by axl's
+    /// built-in [`BUILTIN_STRATEGIES`] (unless listed), configured for `run`, to format rows:
+    /// one set per preprocessing thread, so that rows are formatted in parallel. A listed
+    /// plugin that provides a built-in type's name formats it instead.
     pub fn strategy_plugins(
         &self,
         base_dir: &std::path::Path,
         output_dir: &std::path::Path,
         run: &RunContext,
-    ) -> Result<Option<StrategyPlugins>, String> {
-        let specs: Vec<PluginSpec> = self
+    ) -> Result<StrategyPlugins, String> {
+        let mut specs: Vec<PluginSpec> = self
             .plugins
             .iter()
             .filter(|p| !p.manifest.provides.strategies.is_empty())
             .map(|p| p.spec.clone())
             .collect();
-        if specs.is_empty() {
-            return Ok(None);
+        if !self
+            .plugins
+            .iter()
+            .any(|p| p.manifest.name == BUILTIN_STRATEGIES)
+        {
+            specs.push(PluginSpec {
+                entry: BUILTIN_STRATEGIES.to_string(),
+                source: Source::Builtin(BUILTIN_STRATEGIES.to_string()),
+                sandbox: Sandbox::default(),
+                on_error: OnError::Abort,
+            });
         }
         let mut sets = Vec::new();
         for _ in 0..rayon::current_num_threads().max(1) {
@@ -299,7 +309,17 @@ impl PluginManager {
                 .map_err(|e| e.to_string())?;
             sets.push(std::sync::Mutex::new(manager));
         }
-        Ok(Some(StrategyPlugins(sets)))
+        let dataset_types = sets[0]
+            .get_mut()
+            .map_err(|_| "a plugin failed while loading".to_string())?
+            .plugins
+            .iter()
+            .flat_map(|p| p.manifest.provides.strategies.iter().cloned())
+            .collect();
+        Ok(StrategyPlugins {
+            sets,
+            dataset_types,
+        })
     }
 
     /// A hash of the code of the plugins that shape prepared data (those that provide
@@ -612,13 +632,31 @@ impl PluginManager {
     }
 }
 
+/// The built-in plugin that provides axl's own dataset types; every run loads it after the
+/// config's `plugins:`.
+pub const BUILTIN_STRATEGIES: &str = "prompt_strategies";
+
+/// axl's built-in dataset types alone, as a run without `plugins:` formats rows.
+pub fn builtin_strategy_plugins(train_on_inputs: bool) -> Result<StrategyPlugins, String> {
+    let run = RunContext {
+        command: "preprocess".into(),
+        config: serde_json::json!({ "train_on_inputs": train_on_inputs }),
+        ..RunContext::default()
+    };
+    let here = std::path::Path::new(".");
+    PluginManager::default().strategy_plugins(here, here, &run)
+}
+
 /// The plugins that provide dataset types, as the data pipeline reaches them.
-pub struct StrategyPlugins(Vec<std::sync::Mutex<PluginManager>>);
+pub struct StrategyPlugins {
+    sets: Vec<std::sync::Mutex<PluginManager>>,
+    dataset_types: Vec<String>,
+}
 
 impl StrategyPlugins {
     /// A free set of instances (or, when every set is busy, the calling thread's own).
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, PluginManager>, String> {
-        for set in &self.0 {
+        for set in &self.sets {
             if let Ok(guard) = set.try_lock() {
                 return Ok(guard);
             }
@@ -626,7 +664,7 @@ impl StrategyPlugins {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::thread::current().id().hash(&mut hasher);
-        self.0[hasher.finish() as usize % self.0.len()]
+        self.sets[hasher.finish() as usize % self.sets.len()]
             .lock()
             .map_err(|_| "a plugin failed while formatting another row".to_string())
     }
@@ -634,13 +672,24 @@ impl StrategyPlugins {
 
 impl crate::data::strategy::PluginFormat for StrategyPlugins {
     fn provides(&self, dataset_type: &str) -> bool {
-        self.lock()
-            .is_ok_and(|m| m.strategy_provider(dataset_type).is_some())
+        self.dataset_types.iter().any(|t| t == dataset_type)
+    }
+
+    fn dataset_types(&self) -> Vec<String> {
+        self.dataset_types.clone()
     }
 
     fn format(&self, dataset: &DatasetEntry, row: &Row) -> Result<Formatted, String> {
         self.lock()?
             .format_example(dataset, row, &mut Services::default())
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                PluginFailure::Failed {
+                    plugin, message, ..
+                } => format!(
+                    "{message} (dataset type `{}` of plugin `{plugin}`)",
+                    dataset.dataset_type
+                ),
+                other => other.to_string(),
+            })
     }
 }

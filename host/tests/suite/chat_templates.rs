@@ -106,7 +106,7 @@ fn trained_parts(template: &str, eot: &[&str], messages: Value) -> Vec<String> {
         chat_template_kwargs: serde_json::Map::new(),
         base_dir: std::path::Path::new("."),
         tokenizer: &tokenizer,
-        plugins: None,
+        plugins: axl::data::strategy::PluginFormats::builtin(false).unwrap(),
     };
     let strategy = Strategy::for_dataset(&ds, &ctx).unwrap();
     let row = Row {

@@ -591,7 +591,7 @@ fn pretraining_dataset_streams_packed_batches_of_every_document_in_order() {
     .unwrap();
     let s = settings();
     let tok = tokenizer();
-    let ctx = axl::data::pipeline::strategy_context(&s, &tok, dir.path(), None);
+    let ctx = axl::data::pipeline::strategy_context(&s, &tok, dir.path(), None).unwrap();
     let (files, forced) = axl::data::pipeline::dataset_files(&ds, dir.path(), &offline()).unwrap();
     let mut stream = PretrainingStream::new(&ds, files, forced, ctx, 8, 2).unwrap();
     let mut text = String::new();
@@ -723,22 +723,4 @@ fn special_tokens_from_the_config_override_the_tokenizer_and_unknown_ones_are_er
         stderr.contains("special_tokens.eos_token: `</s>` is not in the vocabulary"),
         "{stderr}"
     );
-}
-
-#[test]
-fn inference_prompts_use_the_dataset_instruction_format() {
-    use axl::data::instruct::InstructStrategy;
-    let alpaca = InstructStrategy::by_name("alpaca", None, false)
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        alpaca.prompt("Say hi."),
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
-    );
-    let chat = InstructStrategy::by_name("alpaca:chatml", None, false)
-        .unwrap()
-        .unwrap();
-    assert!(chat
-        .prompt("Hi")
-        .ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
 }

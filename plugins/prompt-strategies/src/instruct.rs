@@ -4,12 +4,10 @@
 //! `alpaca_chat.*`, `alpaca_instruct.*`, `alpaca_w_system.*`, `orcamini`, `context_qa.*` and
 //! inline (user-defined) prompt formats, with Axolotl's exact prompt texts.
 
+use axl_sdk::prelude::*;
 use serde_json::Value;
 
-use super::config::UserDefinedPrompt;
-use super::error::Result;
-use super::example::{Formatted, TextExample};
-use super::source::Row;
+use crate::fields::{field_error, text_of};
 
 const ALPACA_SYSTEM: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.";
 const ALPACA_SYSTEM_NO_INPUT: &str =
@@ -18,6 +16,37 @@ const CONCISE_SYSTEM: &str = "Below is an instruction from a USER that describes
 const CONCISE_SYSTEM_NO_INPUT: &str = "Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n";
 const CONTEXT_QA_SYSTEM: &str =
     "Use the following contextual information to concisely answer the question.\n";
+/// The dataset type of an inline prompt format (a `type:` mapping), as Axolotl names it.
+pub const USER_DEFINED: &str = "user_defined";
+
+/// The instruction strategies' type names.
+pub const TYPES: &[&str] = &[
+    "alpaca",
+    "alpaca:instruct",
+    "alpaca:chat",
+    "alpaca:chatml",
+    "alpaca:phi",
+    "alpaca_instruct",
+    "alpaca_instruct.load_no_prompt",
+    "alpaca_chat",
+    "alpaca_chat.load_concise",
+    "alpaca_chat.load_qa",
+    "alpaca_chat.load_camel_ai",
+    "alpaca_chat.load_no_prompt",
+    "alpaca_w_system",
+    "alpaca_w_system.load",
+    "alpaca_w_system.load_chat",
+    "alpaca_w_system.load_instruct",
+    "alpaca_w_system.load_open_orca",
+    "alpaca_w_system.load_open_orca_chatml",
+    "orcamini",
+    "context_qa",
+    "context_qa.load",
+    "context_qa.load_404",
+    "context_qa.load_v2",
+    USER_DEFINED,
+];
+
 const CONTEXT_QA_404_RESPONSE: &str = "The context provided does not contain any information about your inquiry. Therefore, I'm unable to answer your question based on the given context.";
 
 /// The turn layout of a prompt style.
@@ -248,28 +277,51 @@ impl InstructStrategy {
         })
     }
 
-    /// The strategy of an inline prompt format, with Axolotl's defaults for absent keys.
-    pub fn user_defined(p: &UserDefinedPrompt, train_on_inputs: bool) -> Self {
-        let or = |v: &Option<String>, d: &str| {
-            v.clone()
+    /// The strategy of a `datasets:` entry, if its type is an instruction strategy: a name
+    /// [`by_name`](Self::by_name) knows (with the entry's `conversation`), or
+    /// [`USER_DEFINED`] for an inline format (the entry's `type:` mapping).
+    pub fn for_entry(
+        dataset: &DatasetEntry,
+        train_on_inputs: bool,
+    ) -> Option<std::result::Result<Self, String>> {
+        if dataset.dataset_type == USER_DEFINED {
+            let format = match dataset.config.get("type") {
+                Some(Value::Object(map)) => map.clone(),
+                _ => Row::new(),
+            };
+            return Some(Ok(Self::user_defined(&format, train_on_inputs)));
+        }
+        let conversation = dataset.config.get("conversation").and_then(Value::as_str);
+        Self::by_name(&dataset.dataset_type, conversation, train_on_inputs)
+    }
+
+    /// The strategy of an inline prompt format (the keys of Axolotl's user-defined type:
+    /// `system_prompt`, `system_format`, `field_system`, `field_instruction`, `field_input`,
+    /// `field_output`, `format`, `no_input_format`), with Axolotl's defaults for absent ones.
+    pub fn user_defined(format: &Row, train_on_inputs: bool) -> Self {
+        let or = |key: &str, default: &str| {
+            format
+                .get(key)
+                .and_then(Value::as_str)
                 .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| d.to_string())
+                .unwrap_or(default)
+                .to_string()
         };
         Self {
             turn: TurnFormat {
-                with_input: or(&p.format, "{instruction} {input} "),
-                without_input: or(&p.no_input_format, "{instruction} "),
-                system: or(&p.system_format, "{system}"),
+                with_input: or("format", "{instruction} {input} "),
+                without_input: or("no_input_format", "{instruction} "),
+                system: or("system_format", "{system}"),
             },
             system: SystemSource::Field {
-                name: or(&p.field_system, "system"),
+                name: or("field_system", "system"),
                 required: false,
-                default: p.system_prompt.clone().unwrap_or_default(),
+                default: or("system_prompt", ""),
             },
             fields: Fields::Named {
-                instruction: or(&p.field_instruction, "instruction"),
-                input: or(&p.field_input, "input"),
-                output: or(&p.field_output, "output"),
+                instruction: or("field_instruction", "instruction"),
+                input: or("field_input", "input"),
+                output: or("field_output", "output"),
                 output_required: false,
             },
             train_on_inputs,
@@ -300,8 +352,9 @@ impl InstructStrategy {
         prompt
     }
 
-    /// Formats one row.
-    pub fn format(&self, row: &Row) -> Result<Formatted> {
+    /// Formats one row: the prompt (trained only with `train_on_inputs`), then the response
+    /// and an EOS, both trained; no EOS when the response is empty.
+    pub fn format(&self, row: &Row) -> Result<Formatted, PluginError> {
         let (instruction, input, response) = self.read_fields(row)?;
         let system = match &self.system {
             SystemSource::Fixed {
@@ -318,26 +371,27 @@ impl InstructStrategy {
                 name,
                 required,
                 default,
-            } => match row.fields.get(name) {
-                Some(v) => text_of(row, name, v)?,
-                None if *required => return Err(row.field_error(name, "missing")),
+            } => match row.get(name) {
+                Some(v) => text_of(name, v)?,
+                None if *required => return Err(field_error(name, "missing")),
                 None => default.clone(),
             },
         };
         let prompt = self.assemble(&system, &instruction, &input);
-        let mut example =
-            TextExample::from_pieces(&[(&prompt, self.train_on_inputs), (&response, true)]);
-        example.add_special_tokens = true;
-        example.append_eos = (!response.is_empty()).then_some(true);
+        let mut example = Formatted::from_pieces([
+            (prompt.as_str(), self.train_on_inputs),
+            (response.as_str(), true),
+        ]);
+        example.append_eos = !response.is_empty();
         example.train_all = self.train_on_inputs;
-        Ok(Formatted::Text(example))
+        Ok(example)
     }
 
-    fn read_fields(&self, row: &Row) -> Result<(String, String, String)> {
-        let get = |name: &str, required: bool| -> Result<String> {
-            match row.fields.get(name) {
-                Some(v) => text_of(row, name, v),
-                None if required => Err(row.field_error(name, "missing")),
+    fn read_fields(&self, row: &Row) -> Result<(String, String, String), PluginError> {
+        let get = |name: &str, required: bool| -> Result<String, PluginError> {
+            match row.get(name) {
+                Some(v) => text_of(name, v),
+                None if required => Err(field_error(name, "missing")),
                 None => Ok(String::new()),
             }
         };
@@ -404,27 +458,4 @@ fn fill(format: &str, instruction: &str, input: &str, system: &str) -> String {
     }
     out.push_str(&rest.replace("}}", "}"));
     out
-}
-
-/// The text of a field: strings as they are, null as empty, numbers and booleans printed.
-pub fn text_of(row: &Row, name: &str, value: &Value) -> Result<String> {
-    match value {
-        Value::String(s) => Ok(s.clone()),
-        Value::Null => Ok(String::new()),
-        Value::Number(n) => Ok(n.to_string()),
-        Value::Bool(b) => Ok(if *b { "True".into() } else { "False".into() }),
-        _ => Err(row.field_error(name, format!("expected text, found {}", kind_of(value)))),
-    }
-}
-
-/// A short name of a JSON value's kind.
-pub fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
