@@ -77,8 +77,7 @@ pub fn check(file: &Path) -> anyhow::Result<()> {
 pub fn list(config: &Path) -> anyhow::Result<()> {
     let (cfg, manager) = super::plugins::load_config(config, &[], "plugin list")?;
     if manager.is_empty() {
-        println!("{}: no plugins", cfg.path.display());
-        return Ok(());
+        println!("{}: no plugins listed", cfg.path.display());
     }
     for loaded in manager.plugins() {
         let m = &loaded.manifest;
@@ -94,6 +93,16 @@ pub fn list(config: &Path) -> anyhow::Result<()> {
             loaded.transport.name(),
             m.api_version,
             hooks.join(", ")
+        );
+    }
+    if !manager
+        .plugins()
+        .iter()
+        .any(|p| p.manifest.name == crate::plugins::BUILTIN_STRATEGIES)
+    {
+        println!(
+            "{} (built in, loaded for every run after the listed plugins): axl's own dataset types",
+            crate::plugins::BUILTIN_STRATEGIES
         );
     }
     Ok(())

@@ -558,6 +558,102 @@ fn a_wasm_plugin_provides_a_dataset_type() {
     assert!(!trained_text.contains("Front"), "{trained_text}");
 }
 
+/// Answers `alpaca` rows in a house style, replacing the built-in `alpaca`.
+#[derive(Default)]
+struct HouseStyle;
+
+impl Plugin for HouseStyle {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            name: "house_style".into(),
+            version: "0.1.0".into(),
+            api_version: API_VERSION,
+            description: String::new(),
+            hooks: vec![Hook::FormatExample],
+            config_schema: Default::default(),
+            provides: axl_plugin_api::Provides {
+                strategies: vec!["alpaca".into()],
+                ..Default::default()
+            },
+        }
+    }
+
+    fn format_example(
+        &mut self,
+        _dataset: &axl_plugin_api::payload::DatasetEntry,
+        row: &Row,
+        _host: &mut dyn Host,
+    ) -> Result<axl_plugin_api::payload::Formatted, PluginError> {
+        let text = |key: &str| row.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+        let prompt = format!("Q: {}\nA: ", text("instruction"));
+        Ok(axl_plugin_api::payload::Formatted::from_pieces([
+            (prompt.as_str(), false),
+            (text("output"), true),
+        ]))
+    }
+}
+
+axl_plugin_api::register_builtin!(HouseStyle, "house_style");
+
+/// axl's own dataset types come from the built-in `prompt_strategies` plugin through
+/// `format_example`, loaded after the listed plugins: a listed plugin that provides one of
+/// its names formats that type, and the other built-in types stay.
+#[test]
+fn the_built_in_dataset_types_are_a_plugin_that_a_listed_one_replaces() {
+    use axl::data::strategy::PluginFormat;
+    use axl_plugin_api::payload::DatasetEntry;
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunContext::default();
+    let row = |value: serde_json::Value| value.as_object().unwrap().clone();
+    let entry = |name: &str| DatasetEntry {
+        dataset_type: name.into(),
+        config: serde_json::json!({ "type": name }),
+    };
+    let hello = row(serde_json::json!({"instruction": "Hi", "output": "Yo"}));
+
+    let built_in = PluginManager::default()
+        .strategy_plugins(dir.path(), dir.path(), &run)
+        .unwrap();
+    let alpaca = built_in.format(&entry("alpaca"), &hello).unwrap();
+    assert!(
+        alpaca.segments[0]
+            .text
+            .starts_with("Below is an instruction"),
+        "{alpaca:?}"
+    );
+    let err = built_in
+        .format(&entry("alpaca"), &row(serde_json::json!({"output": "Yo"})))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "field `instruction`: missing (dataset type `alpaca` of plugin `prompt_strategies`)"
+    );
+
+    let listed = PluginManager::load(
+        &[spec(
+            Source::Builtin("house_style".into()),
+            Sandbox::default(),
+        )],
+        dir.path(),
+        dir.path(),
+    )
+    .unwrap()
+    .strategy_plugins(dir.path(), dir.path(), &run)
+    .unwrap();
+    let house = listed.format(&entry("alpaca"), &hello).unwrap();
+    assert_eq!(house.segments[0].text, "Q: Hi\nA: ");
+    for name in [
+        "completion",
+        "input_output",
+        "chat_template",
+        "alpaca_chat.load_qa",
+    ] {
+        assert!(listed.provides(name), "{name}");
+    }
+    let text = row(serde_json::json!({"text": "Once"}));
+    assert!(listed.format(&entry("completion"), &text).unwrap().chunk);
+}
+
 /// Runs cargo in `dir` with the shared target directory for generated plugin crates.
 fn cargo_build(dir: &Path, args: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
