@@ -11,6 +11,19 @@ use crate::hooks::Hook;
 /// A dataset row: column name to value.
 pub type Row = serde_json::Map<String, serde_json::Value>;
 
+/// A short name of a JSON value's kind (`a string`, `a list`, ...), for messages about rows.
+pub fn kind_of(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// The run as `configure`, `load_datasets` and plugin commands see it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunContext {

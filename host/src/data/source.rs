@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+pub use axl_plugin_api::payload::kind_of;
+
 use super::error::{DataError, Location, Result};
 
 /// A file format of a dataset.
@@ -337,16 +339,4 @@ pub fn shard(rows: Vec<Row>, count: usize, index: usize) -> Result<Vec<Row>> {
     let start = index * base + index.min(extra);
     let size = base + usize::from(index < extra);
     Ok(rows.into_iter().skip(start).take(size).collect())
-}
-
-/// A short name of a JSON value's kind, for messages.
-pub fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }

@@ -31,15 +31,3 @@ pub fn required_text(row: &Row, name: &str) -> Result<String, PluginError> {
         None => Err(field_error(name, "missing")),
     }
 }
-
-/// A short name of a JSON value's kind.
-pub fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}

@@ -19,7 +19,7 @@ pub mod instruct;
 use axl_sdk::prelude::*;
 use serde_json::Value;
 
-use fields::{field_error, kind_of, required_text, text_of};
+use fields::{field_error, required_text, text_of};
 use instruct::InstructStrategy;
 
 /// The chat-template types: rendered by the host's engine ([`Formatted::built_in`]).
