@@ -14,7 +14,7 @@
 //! | `commands` | the command line is parsed | all; core commands win a clash |
 //! | `configure` | the config is validated, before data or weights | all; any error aborts |
 //! | `load_datasets` | before the datasets are read | at most one |
-//! | `format_example` | preprocessing, per row of a `type:` the plugin provides | that plugin |
+//! | `format_example` | preprocessing, per row of a `type:` the plugin provides (axl's own types too: the built-in `prompt_strategies`, loaded after the listed plugins) | the first that provides it |
 //! | `pre_model_load` | before the weights load (kernels, attention) | merge; a conflict is an error |
 //! | `post_model_build` | the architecture is built, before adapters | all |
 //! | `pre_lora_load`, `post_lora_load` | around creating or loading adapters | all |
