@@ -181,7 +181,7 @@ fn tokenize_rows(
 ) -> Result<Vec<Vec<Tokenized>>> {
     let one = |tok: &ModelTokenizer, row: &Row| -> Result<Vec<Tokenized>> {
         let mut out = Vec::new();
-        for formatted in strategy.format(row)? {
+        for formatted in strategy.format(row, tok)? {
             out.extend(
                 tokenize(formatted, tok, sequence_len)
                     .map_err(|e| e.at(row.file.as_path(), Some(row.location)))?,

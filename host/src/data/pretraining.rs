@@ -161,7 +161,7 @@ impl<'a> PretrainingStream<'a> {
 
     fn examples_of(&self, row: &Row) -> Result<Vec<Tokenized>> {
         let mut out = Vec::new();
-        for f in self.strategy.format(row)? {
+        for f in self.strategy.format(row, self.ctx.tokenizer)? {
             out.extend(
                 tokenize(f, self.ctx.tokenizer, self.sequence_len)
                     .map_err(|e| e.at(row.file.as_path(), Some(row.location)))?,

@@ -19,12 +19,13 @@ pub trait PluginFormat: Send + Sync {
     fn provides(&self, dataset_type: &str) -> bool;
     /// Every dataset type the plugins provide, for messages.
     fn dataset_types(&self) -> Vec<String>;
-    /// The answer for a row of `dataset` of the plugin that provides its type; the error
-    /// names the plugin.
+    /// The answer for a row of `dataset` of the plugin that provides its type, which may
+    /// use `tokenizer` through the host services; the error names the plugin.
     fn format(
         &self,
         dataset: &DatasetEntry,
         row: &serde_json::Map<String, Value>,
+        tokenizer: &ModelTokenizer,
     ) -> std::result::Result<PluginFormatted, String>;
 }
 
@@ -144,8 +145,8 @@ impl Strategy {
         })
     }
 
-    /// Formats one row into zero or more examples.
-    pub fn format(&self, row: &Row) -> Result<Vec<Formatted>> {
+    /// Formats one row into zero or more examples (`tokenizer` serves plugins' `tokenize`).
+    pub fn format(&self, row: &Row, tokenizer: &ModelTokenizer) -> Result<Vec<Formatted>> {
         match self {
             Self::Plugin {
                 dataset,
@@ -154,7 +155,7 @@ impl Strategy {
             } => {
                 let answer = plugins
                     .0
-                    .format(dataset, &row.fields)
+                    .format(dataset, &row.fields, tokenizer)
                     .map_err(|message| row.error(message))?;
                 if answer.segments.is_empty() && answer.base.is_none() {
                     return Ok(Vec::new());
@@ -253,6 +254,7 @@ mod tests {
             &self,
             _: &DatasetEntry,
             _: &serde_json::Map<String, Value>,
+            _: &ModelTokenizer,
         ) -> std::result::Result<PluginFormatted, String> {
             Ok(self.0.clone())
         }
@@ -269,7 +271,10 @@ mod tests {
             file: std::sync::Arc::new("rows.jsonl".into()),
             location: super::super::error::Location::Line(1),
         };
-        match strategy.format(&row)?.remove(0) {
+        let model =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+        let tokenizer = ModelTokenizer::load(&model).expect("the fixture tokenizer");
+        match strategy.format(&row, &tokenizer)?.remove(0) {
             Formatted::Text(t) => Ok(t),
             Formatted::Tokens { .. } => panic!("text expected"),
         }

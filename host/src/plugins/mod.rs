@@ -679,9 +679,14 @@ impl crate::data::strategy::PluginFormat for StrategyPlugins {
         self.dataset_types.clone()
     }
 
-    fn format(&self, dataset: &DatasetEntry, row: &Row) -> Result<Formatted, String> {
+    fn format(
+        &self,
+        dataset: &DatasetEntry,
+        row: &Row,
+        tokenizer: &crate::model::tokenizer::ModelTokenizer,
+    ) -> Result<Formatted, String> {
         self.lock()?
-            .format_example(dataset, row, &mut Services::default())
+            .format_example(dataset, row, &mut Services::with_tokenizer(tokenizer))
             .map_err(|e| match e {
                 PluginFailure::Failed {
                     plugin, message, ..

@@ -114,7 +114,7 @@ fn trained_parts(template: &str, eot: &[&str], messages: Value) -> Vec<String> {
         file: std::sync::Arc::new("test.jsonl".into()),
         location: axl::data::Location::Line(1),
     };
-    let Formatted::Text(example) = strategy.format(&row).unwrap().remove(0) else {
+    let Formatted::Text(example) = strategy.format(&row, &tokenizer).unwrap().remove(0) else {
         panic!()
     };
     example

@@ -582,14 +582,19 @@ impl Plugin for HouseStyle {
         &mut self,
         _dataset: &axl_plugin_api::payload::DatasetEntry,
         row: &Row,
-        _host: &mut dyn Host,
+        host: &mut dyn Host,
     ) -> Result<axl_plugin_api::payload::Formatted, PluginError> {
         let text = |key: &str| row.get(key).and_then(|v| v.as_str()).unwrap_or_default();
         let prompt = format!("Q: {}\nA: ", text("instruction"));
-        Ok(axl_plugin_api::payload::Formatted::from_pieces([
+        let mut answer = axl_plugin_api::payload::Formatted::from_pieces([
             (prompt.as_str(), false),
             (text("output"), true),
-        ]))
+        ]);
+        let prompt_tokens = host.tokenize(&prompt)?.len();
+        answer
+            .fields
+            .insert("prompt_tokens".into(), prompt_tokens.into());
+        Ok(answer)
     }
 }
 
@@ -597,7 +602,8 @@ axl_plugin_api::register_builtin!(HouseStyle, "house_style");
 
 /// axl's own dataset types come from the built-in `prompt_strategies` plugin through
 /// `format_example`, loaded after the listed plugins: a listed plugin that provides one of
-/// its names formats that type, and the other built-in types stay.
+/// its names formats that type (with the tokenizer at hand), and the other built-in types
+/// stay.
 #[test]
 fn the_built_in_dataset_types_are_a_plugin_that_a_listed_one_replaces() {
     use axl::data::strategy::PluginFormat;
@@ -610,11 +616,15 @@ fn the_built_in_dataset_types_are_a_plugin_that_a_listed_one_replaces() {
         config: serde_json::json!({ "type": name }),
     };
     let hello = row(serde_json::json!({"instruction": "Hi", "output": "Yo"}));
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let tokenizer = axl::model::tokenizer::ModelTokenizer::load(&model).unwrap();
 
     let built_in = PluginManager::default()
         .strategy_plugins(dir.path(), dir.path(), &run)
         .unwrap();
-    let alpaca = built_in.format(&entry("alpaca"), &hello).unwrap();
+    let alpaca = built_in
+        .format(&entry("alpaca"), &hello, &tokenizer)
+        .unwrap();
     assert!(
         alpaca.segments[0]
             .text
@@ -622,7 +632,11 @@ fn the_built_in_dataset_types_are_a_plugin_that_a_listed_one_replaces() {
         "{alpaca:?}"
     );
     let err = built_in
-        .format(&entry("alpaca"), &row(serde_json::json!({"output": "Yo"})))
+        .format(
+            &entry("alpaca"),
+            &row(serde_json::json!({"output": "Yo"})),
+            &tokenizer,
+        )
         .unwrap_err();
     assert_eq!(
         err,
@@ -640,8 +654,10 @@ fn the_built_in_dataset_types_are_a_plugin_that_a_listed_one_replaces() {
     .unwrap()
     .strategy_plugins(dir.path(), dir.path(), &run)
     .unwrap();
-    let house = listed.format(&entry("alpaca"), &hello).unwrap();
+    let house = listed.format(&entry("alpaca"), &hello, &tokenizer).unwrap();
     assert_eq!(house.segments[0].text, "Q: Hi\nA: ");
+    let prompt_tokens = tokenizer.encode("Q: Hi\nA: ", false).unwrap().len();
+    assert_eq!(house.fields["prompt_tokens"], prompt_tokens);
     for name in [
         "completion",
         "input_output",
@@ -651,7 +667,12 @@ fn the_built_in_dataset_types_are_a_plugin_that_a_listed_one_replaces() {
         assert!(listed.provides(name), "{name}");
     }
     let text = row(serde_json::json!({"text": "Once"}));
-    assert!(listed.format(&entry("completion"), &text).unwrap().chunk);
+    assert!(
+        listed
+            .format(&entry("completion"), &text, &tokenizer)
+            .unwrap()
+            .chunk
+    );
 }
 
 /// Runs cargo in `dir` with the shared target directory for generated plugin crates.
