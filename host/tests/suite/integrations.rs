@@ -1,5 +1,5 @@
 //! The first-party integration plugins (grokfast, spectrum, knowledge distillation, lm-eval,
-//! SwanLab, rewards) end to end: `axl train` with a config that lists each.
+//! SwanLab, rewards, prompt strategies) end to end: `axl train` with a config that lists each.
 
 use serde_json::Value;
 
@@ -431,6 +431,46 @@ fn built_in_rewards_load_with_a_run_and_score_through_the_hook() {
         manager.reward("format", &batch, &mut services).unwrap(),
         [Some(1.0), Some(0.0)]
     );
+}
+
+/// `plugins: [prompt_strategies]`: listing the built-in dataset types' plugin, which every run
+/// loads anyway, trains exactly as leaving it out does, and `axl plugin list` shows it once.
+#[test]
+fn prompt_strategies_listed_or_not_train_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = "max_steps: 2\nval_set_size: 0\n";
+    let (implicit, implicit_out) = train_in(dir.path(), "implicit", steps);
+    assert!(implicit.status.success(), "{}", stderr(&implicit));
+    let (listed, listed_out) = train_in(
+        dir.path(),
+        "listed",
+        &format!("plugins:\n  - prompt_strategies\n{steps}"),
+    );
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let losses = |out: &std::path::Path| -> Vec<Value> {
+        logged_steps(out)
+            .into_iter()
+            .map(|step| step["loss"].clone())
+            .collect()
+    };
+    assert_eq!(losses(&implicit_out).len(), 2);
+    assert_eq!(losses(&implicit_out), losses(&listed_out));
+    let list = |name: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_axl"))
+            .args(["plugin", "list"])
+            .arg(dir.path().join(name).join("config.yml"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let listed = list("listed");
+    let lines = listed.lines().filter(|l| l.contains("prompt_strategies"));
+    assert_eq!(lines.count(), 1, "{listed}");
+    assert!(
+        listed.contains("prompt_strategies 0.1.0 (built-in"),
+        "{listed}"
+    );
+    assert!(list("implicit").contains("prompt_strategies (built in, loaded for every run"));
 }
 
 /// Every config snippet (the `yaml` code blocks) of the README's "Integrations" section is a valid config: merged
