@@ -73,8 +73,8 @@ pub enum Combine {
     /// Results are maps merged key by key; two plugins giving one key different values is an
     /// error naming the key and both plugins.
     Merge,
-    /// The call goes to the one plugin that provides the named item (a dataset `type:`, a
-    /// reward function, a loss).
+    /// The call goes to the first plugin, in load order, that provides the named item (a
+    /// dataset `type:`, a reward function, a loss).
     Provider,
 }
 

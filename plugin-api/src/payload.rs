@@ -38,10 +38,15 @@ pub struct RunContext {
     pub output_dir: String,
 }
 
+/// The dataset type the host gives an entry whose `type:` is a mapping (an inline prompt
+/// format), as Axolotl names it.
+pub const USER_DEFINED_TYPE: &str = "user_defined";
+
 /// The `datasets:` entry a row comes from, as `format_example` sees it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DatasetEntry {
-    /// Its `type:` (without an `axolotl.prompt_strategies.` prefix).
+    /// Its `type:` (without an `axolotl.prompt_strategies.` prefix; [`USER_DEFINED_TYPE`]
+    /// when `type:` is a mapping).
     pub dataset_type: String,
     /// The entry as configured (`path`, `type`, `field_messages`, the plugin's own keys ...).
     #[serde(default)]

@@ -11,7 +11,7 @@ use axl_plugin_prompt_strategies::instruct::InstructStrategy;
 use crate::chat_template::{self, ChatTemplate, Message, SpecialTokens};
 use crate::config::LoadedConfig;
 use crate::data::config::DatasetType;
-use crate::data::strategy::{entry_as_configured, DatasetEntry, USER_DEFINED};
+use crate::data::strategy::{entry_as_configured, DatasetEntry, USER_DEFINED_TYPE};
 use crate::model::generate::{Decoder, SamplingParams, TextStream};
 use crate::model::resolve::HubSettings;
 use crate::model::tokenizer::ModelTokenizer;
@@ -83,7 +83,7 @@ fn chat_template_source(cfg: &LoadedConfig, tokenizer: &ModelTokenizer) -> anyho
 fn dataset_format(cfg: &LoadedConfig) -> Option<InstructStrategy> {
     let ds = cfg.config.datasets.as_ref()?.first()?;
     let name = match ds.kind.as_ref()? {
-        DatasetType::UserDefined(_) => USER_DEFINED,
+        DatasetType::UserDefined(_) => USER_DEFINED_TYPE,
         DatasetType::Name(name) => name
             .strip_prefix("axolotl.prompt_strategies.")
             .unwrap_or(name),

@@ -89,12 +89,12 @@ pub enum Strategy {
 /// The built-in types a plugin's `format_example` may build on ([`PluginFormatted::base`]).
 const PLUGIN_BASES: &[&str] = &["chat_template"];
 
-/// The dataset type of an inline prompt format (a `type:` mapping), as Axolotl names it.
-pub const USER_DEFINED: &str = "user_defined";
+pub use axl_plugin_api::payload::USER_DEFINED_TYPE;
 
 /// The message for a type no plugin provides, with the nearest provided name.
 fn unknown_type(name: &str, plugins: &PluginFormats) -> DataError {
     let mut known = plugins.0.dataset_types();
+    known.retain(|k| k != USER_DEFINED_TYPE);
     known.sort();
     known.dedup();
     let nearest = if name.contains(":load_") {
@@ -129,11 +129,21 @@ impl Strategy {
         let name = match &ds.kind {
             None => return Ok(Self::Pretokenized),
             Some(DatasetType::Name(n)) if n.is_empty() => return Ok(Self::Pretokenized),
-            Some(DatasetType::UserDefined(_)) => USER_DEFINED,
+            Some(DatasetType::UserDefined(_)) => USER_DEFINED_TYPE,
             Some(DatasetType::Name(n)) => n.strip_prefix("axolotl.prompt_strategies.").unwrap_or(n),
         };
         if !ctx.plugins.0.provides(name) {
             return Err(unknown_type(name, &ctx.plugins));
+        }
+        let chat = ChatStrategy::new(ds, ctx).map(Box::new).map_err(Box::new);
+        // A type named after a base (`chat_template`, `chat_template.load`) certainly renders
+        // with it: its setup errors are the dataset's, before any row is read.
+        let names_base = PLUGIN_BASES.iter().any(|base| {
+            name.strip_prefix(base)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        });
+        if let (true, Err(e)) = (names_base, &chat) {
+            return Err(DataError::clone(e));
         }
         Ok(Self::Plugin {
             dataset: DatasetEntry {
@@ -141,7 +151,7 @@ impl Strategy {
                 config: entry_as_configured(ds),
             },
             plugins: ctx.plugins.clone(),
-            chat: ChatStrategy::new(ds, ctx).map(Box::new).map_err(Box::new),
+            chat,
         })
     }
 

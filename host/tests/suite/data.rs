@@ -493,6 +493,20 @@ fn bad_rows_are_named_by_dataset_file_line_and_field() {
         "{err}"
     );
 
+    let unknown_template =
+        "path: {dir}/chat.jsonl\ntype: chat_template\nchat_template: no_such_template";
+    let err = run(dir.path(), unknown_template, &settings())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("datasets[0]")
+            && !err.contains("line 1")
+            && err.contains(
+                "field `chat_template`: no built-in chat template named `no_such_template`"
+            ),
+        "{err}"
+    );
+
     write(dir.path(), "empty.jsonl", "");
     let err = run(
         dir.path(),

@@ -16,9 +16,6 @@ const CONCISE_SYSTEM: &str = "Below is an instruction from a USER that describes
 const CONCISE_SYSTEM_NO_INPUT: &str = "Below is an instruction from a USER that describes a task. The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n";
 const CONTEXT_QA_SYSTEM: &str =
     "Use the following contextual information to concisely answer the question.\n";
-/// The dataset type of an inline prompt format (a `type:` mapping), as Axolotl names it.
-pub const USER_DEFINED: &str = "user_defined";
-
 /// The instruction strategies' type names.
 pub const TYPES: &[&str] = &[
     "alpaca",
@@ -44,7 +41,7 @@ pub const TYPES: &[&str] = &[
     "context_qa.load",
     "context_qa.load_404",
     "context_qa.load_v2",
-    USER_DEFINED,
+    USER_DEFINED_TYPE,
 ];
 
 const CONTEXT_QA_404_RESPONSE: &str = "The context provided does not contain any information about your inquiry. Therefore, I'm unable to answer your question based on the given context.";
@@ -279,20 +276,23 @@ impl InstructStrategy {
 
     /// The strategy of a `datasets:` entry, if its type is an instruction strategy: a name
     /// [`by_name`](Self::by_name) knows (with the entry's `conversation`), or
-    /// [`USER_DEFINED`] for an inline format (the entry's `type:` mapping).
+    /// [`USER_DEFINED_TYPE`] for an inline format (the entry's `type:` mapping). The error
+    /// names the entry's key at fault.
     pub fn for_entry(
         dataset: &DatasetEntry,
         train_on_inputs: bool,
-    ) -> Option<std::result::Result<Self, String>> {
-        if dataset.dataset_type == USER_DEFINED {
-            let format = match dataset.config.get("type") {
-                Some(Value::Object(map)) => map.clone(),
-                _ => Row::new(),
-            };
-            return Some(Ok(Self::user_defined(&format, train_on_inputs)));
+    ) -> Option<std::result::Result<Self, (&'static str, String)>> {
+        if dataset.dataset_type == USER_DEFINED_TYPE {
+            return Some(match dataset.config.get("type") {
+                Some(Value::Object(format)) => Ok(Self::user_defined(format, train_on_inputs)),
+                _ => Err(("type", format!(
+                    "`{USER_DEFINED_TYPE}` is the type of an inline prompt format: write `type:` as a mapping (format, no_input_format, field_instruction, ...)"
+                ))),
+            });
         }
         let conversation = dataset.config.get("conversation").and_then(Value::as_str);
         Self::by_name(&dataset.dataset_type, conversation, train_on_inputs)
+            .map(|made| made.map_err(|e| ("conversation", e)))
     }
 
     /// The strategy of an inline prompt format (the keys of Axolotl's user-defined type:

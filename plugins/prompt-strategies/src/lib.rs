@@ -59,7 +59,9 @@ impl PromptStrategiesPlugin {
         if !cached {
             let made = match InstructStrategy::for_entry(dataset, self.train_on_inputs)? {
                 Ok(made) => made,
-                Err(e) => return Some(Err(field_error("type", e))),
+                Err((key, e)) => {
+                    return Some(Err(PluginError::new(format!("the entry's `{key}`: {e}"))))
+                }
             };
             self.last = Some((dataset.clone(), made));
         }
@@ -114,12 +116,46 @@ pub fn input_output(row: &Row, train_on_inputs: bool) -> Result<Formatted, Plugi
             train: label || train_on_inputs,
         });
     }
+    if pieces.is_empty() {
+        // An empty example, counted with those too short, rather than a skipped row.
+        pieces.push(Segment::default());
+    }
     Ok(Formatted {
         segments: pieces,
         add_special_tokens: false,
         append_eos: false,
         ..Formatted::nothing()
     })
+}
+
+/// What is wrong with the instruction-strategy settings of the config's dataset entries
+/// (`datasets`, `test_datasets`, `pretraining_dataset`), each naming its entry, so that a bad
+/// `conversation:` or inline format stops the run before any row is read.
+pub fn entry_problems(config: &Value, train_on_inputs: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    for list in ["datasets", "test_datasets", "pretraining_dataset"] {
+        let Some(entries) = config.get(list).and_then(Value::as_array) else {
+            continue;
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            let dataset_type = match entry.get("type") {
+                Some(Value::String(name)) => name
+                    .strip_prefix("axolotl.prompt_strategies.")
+                    .unwrap_or(name)
+                    .to_string(),
+                Some(Value::Object(_)) => USER_DEFINED_TYPE.to_string(),
+                _ => continue,
+            };
+            let dataset = DatasetEntry {
+                dataset_type,
+                config: entry.clone(),
+            };
+            if let Some(Err((key, e))) = InstructStrategy::for_entry(&dataset, train_on_inputs) {
+                problems.push(format!("{list}[{i}].{key}: {e}"));
+            }
+        }
+    }
+    problems
 }
 
 impl Plugin for PromptStrategiesPlugin {
@@ -143,7 +179,12 @@ impl Plugin for PromptStrategiesPlugin {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         self.last = None;
-        Ok(())
+        let problems = entry_problems(&run.config, self.train_on_inputs);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PluginError::new(problems.join("; ")))
+        }
     }
 
     fn format_example(

@@ -15,7 +15,7 @@ fn plugin(train_on_inputs: bool) -> PromptStrategiesPlugin {
 fn entry(config: Value) -> DatasetEntry {
     let dataset_type = match config.get("type") {
         Some(Value::String(s)) => s.clone(),
-        _ => instruct::USER_DEFINED.to_string(),
+        _ => USER_DEFINED_TYPE.to_string(),
     };
     DatasetEntry {
         dataset_type,
@@ -121,7 +121,7 @@ fn errors_name_the_field() {
     .unwrap_err();
     assert!(
         err.message
-            .starts_with("field `type`: unknown prompt style `vicuna`"),
+            .starts_with("the entry's `conversation`: unknown prompt style `vicuna`"),
         "{}",
         err.message
     );
@@ -247,4 +247,46 @@ fn chat_templates_are_rendered_by_the_host() {
     )
     .unwrap();
     assert_eq!(f.base.as_deref(), Some("chat_template"));
+}
+
+#[test]
+fn bad_entries_stop_the_run_at_configure() {
+    let run = RunContext {
+        config: json!({
+            "datasets": [
+                {"path": "a.jsonl", "type": "alpaca"},
+                {"path": "b.jsonl", "type": "alpaca_chat", "conversation": "vicuna"},
+                {"path": "c.jsonl", "type": {"format": "{instruction}"}},
+            ],
+            "test_datasets": [{"path": "d.jsonl", "type": "user_defined"}],
+        }),
+        ..RunContext::default()
+    };
+    let err = PromptStrategiesPlugin::default()
+        .configure(&run, &mut TestHost::default())
+        .unwrap_err();
+    assert!(
+        err.message
+            .starts_with("datasets[1].conversation: unknown prompt style `vicuna`"),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.contains(
+            "; test_datasets[0].type: `user_defined` is the type of an inline prompt format"
+        ),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn an_empty_input_output_row_is_an_empty_example() {
+    let f = format(
+        &mut plugin(false),
+        json!({"type": "input_output"}),
+        json!({"segments": []}),
+    )
+    .unwrap();
+    assert_eq!(pieces(&f), vec![("", false)]);
 }
