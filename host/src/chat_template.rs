@@ -245,9 +245,12 @@ fn strftime_now(format: String) -> Result<String, JError> {
 
 /// A small `strftime` over UTC for the directives chat templates use.
 fn format_utc(epoch: i64, format: &str) -> String {
+    let time = axl_sdk::clock::UtcTime {
+        unix_seconds: epoch,
+        micros: 0,
+    };
+    let (year, month, day, hour, minute, second) = time.parts();
     let days = epoch.div_euclid(86_400);
-    let secs = epoch.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
     const MONTHS: [&str; 12] = [
         "January",
         "February",
@@ -297,9 +300,9 @@ fn format_utc(epoch: i64, format: &str) -> String {
             Some('b') => out.push_str(&month_name[..3]),
             Some('A') => out.push_str(weekday),
             Some('a') => out.push_str(&weekday[..3]),
-            Some('H') => out.push_str(&format!("{:02}", secs / 3600)),
-            Some('M') => out.push_str(&format!("{:02}", secs / 60 % 60)),
-            Some('S') => out.push_str(&format!("{:02}", secs % 60)),
+            Some('H') => out.push_str(&format!("{hour:02}")),
+            Some('M') => out.push_str(&format!("{minute:02}")),
+            Some('S') => out.push_str(&format!("{second:02}")),
             Some('%') => out.push('%'),
             Some(o) => {
                 out.push('%');
@@ -309,20 +312,6 @@ fn format_utc(epoch: i64, format: &str) -> String {
         }
     }
     out
-}
-
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    // Proleptic Gregorian calendar from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
-    (year, month, day)
 }
 
 fn tojson(value: JValue, kwargs: Kwargs) -> Result<JValue, JError> {

@@ -163,14 +163,15 @@ impl Strategy {
                 plugins,
                 chat,
             } => {
-                let answer = plugins
+                let mut answer = plugins
                     .0
                     .format(dataset, &row.fields, tokenizer)
                     .map_err(|message| row.error(message))?;
                 if answer.segments.is_empty() && answer.base.is_none() {
                     return Ok(Vec::new());
                 }
-                let fields = (!answer.fields.is_empty()).then(|| answer.fields.clone());
+                let fields =
+                    (!answer.fields.is_empty()).then(|| std::mem::take(&mut answer.fields));
                 let mut example = match answer.base.as_deref() {
                     None => {
                         let pieces: Vec<(&str, bool)> = answer

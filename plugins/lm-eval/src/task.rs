@@ -84,6 +84,26 @@ pub struct Task {
     pub temperature: f64,
     /// `metadata.version`.
     pub version: Value,
+    templates: Templates,
+}
+
+/// The task's Jinja templates, each compiled on first use and kept (a clone starts empty).
+#[derive(Debug)]
+struct Templates(std::sync::Mutex<minijinja::Environment<'static>>);
+
+impl Default for Templates {
+    fn default() -> Self {
+        let mut env = minijinja::Environment::new();
+        env.set_keep_trailing_newline(true);
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        Self(std::sync::Mutex::new(env))
+    }
+}
+
+impl Clone for Templates {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 /// The prompt-side value of a document: text, or an index into the choices.
@@ -352,16 +372,21 @@ impl Task {
             docs,
             fewshot_docs,
             config,
+            templates: Templates::default(),
         })
     }
 
     /// Renders `template` with the fields of `doc` (lm-eval's `apply_template`).
-    pub fn render(template: &str, doc: &Value) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.set_keep_trailing_newline(true);
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.render_str(template, doc)
-            .map_err(|e| format!("template `{template}`: {e}"))
+    pub fn render(&self, template: &str, doc: &Value) -> Result<String> {
+        let fail = |e: minijinja::Error| format!("template `{template}`: {e}");
+        let mut env = self.templates.0.lock().unwrap_or_else(|e| e.into_inner());
+        if env.get_template(template).is_err() {
+            env.add_template_owned(template.to_string(), template.to_string())
+                .map_err(fail)?;
+        }
+        env.get_template(template)
+            .and_then(|t| t.render(doc))
+            .map_err(fail)
     }
 
     /// A `doc_to_*` value for `doc`: a field, a rendered template, a constant.
@@ -395,7 +420,7 @@ impl Task {
                 if let Some(field) = doc.get(template) {
                     return from_value(field);
                 }
-                let text = Self::render(template, doc)?;
+                let text = self.render(template, doc)?;
                 if choices && !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) {
                     return Ok(Rendered::Index(
                         text.parse().map_err(|e| format!("{what}: {e}"))?,
@@ -457,7 +482,7 @@ impl Task {
                 if let Some(Value::Array(items)) = doc.get(s) {
                     return Ok(strings(items));
                 }
-                let text = Self::render(s, doc)?;
+                let text = self.render(s, doc)?;
                 parse_list_literal(&text)
                     .map(|items| strings(&items))
                     .ok_or_else(|| format!("doc_to_choice: `{text}` is not a list"))
@@ -465,7 +490,7 @@ impl Task {
             Value::Array(items) => items
                 .iter()
                 .map(|item| match item {
-                    Value::String(t) => Self::render(t, doc),
+                    Value::String(t) => self.render(t, doc),
                     other => Ok(other.to_string()),
                 })
                 .collect(),
@@ -539,7 +564,7 @@ impl Task {
         let mut text = if self.description.is_empty() {
             String::new()
         } else {
-            Self::render(&self.description, doc)?
+            self.render(&self.description, doc)?
         };
         for example in self.fewshot_examples(index, n, seed) {
             text.push_str(&self.doc_to_text(example)?);
@@ -567,7 +592,7 @@ impl Task {
         let doc = &self.docs[index];
         let mut turns = Vec::new();
         if !self.description.is_empty() {
-            turns.push(("system".to_string(), Self::render(&self.description, doc)?));
+            turns.push(("system".to_string(), self.render(&self.description, doc)?));
         }
         let mut pending = String::new();
         for example in self.fewshot_examples(index, n, seed) {
